@@ -1,0 +1,102 @@
+"""The ``backforward`` command line: toy, train, reproduce, study, bench, data download.
+
+Errors a user can fix (bad arguments, bad data files) print one line and exit with
+status 2; a diverged training run exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def positive(kind: Callable) -> Callable[[str], object]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a float: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def add_toy(sub) -> None:
+    p = sub.add_parser("toy", help="the paper's toy experiment: one step at lr 1.0 on 4 digits, many seeds")
+    p.add_argument("--seeds", type=positive(int), default=20)
+    p.add_argument("--batch-size", type=positive(int), default=4)
+    p.add_argument("--hidden", type=positive(int), default=256)
+    p.add_argument("--lr", type=positive(float), default=1.0)
+    p.add_argument("--zero-tol", type=positive(float), default=0.01, help="a loss below this counts as ~0")
+    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
+    p.set_defaults(run=cmd_toy)
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import load
+    from .toy import ToyConfig, format_toy, run_toy, summarize_toy
+
+    config = ToyConfig(seeds=args.seeds, batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
+                       zero_tol=args.zero_tol)
+    data = load(args.data_dir)
+    with tqdm(total=config.seeds, desc="toy", unit="seed", disable=not sys.stderr.isatty()) as bar:
+        trials = run_toy(data, config, bar)
+    print(format_toy(summarize_toy(trials, config.zero_tol), config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backforward", description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=positive(int), default=None,
+                        help="torch threads for this process (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_toy(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.run(args)
+    except DataError as e:
+        print(f"backforward: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("backforward: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

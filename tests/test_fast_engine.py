@@ -1,0 +1,125 @@
+"""The fast engine: the same answer as the reference, with the recomputation the cost model promises."""
+
+import pytest
+import torch
+from conftest import BASES, assert_same_params, clone, linear_stages
+from torch import nn
+
+from backforward import Backforward, reference_step
+from backforward.engines import ChainEngine, _plan
+
+F = nn.functional
+
+
+def count_calls(model: nn.Sequential) -> list[int]:
+    counts = [0] * len(model)
+    for i, child in enumerate(model):
+        child.register_forward_pre_hook(lambda _m, _a, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_plan_by_hand():
+    # Stages at children 0, 2, 4 (Linear, ReLU, Linear, ReLU, Linear), forward order:
+    # pass 1 from the input; pass 2 from child 0 (stage 1 moved); pass 3 from child 2 (stage 2 moved),
+    # whose input pass 2 stores and pass 3 drops after reading.
+    assert _plan([0, 2, 4]) == ([0, 0, 2], [set(), {2}, set()], [False, False, True])
+    # Reverse: stage 3 then 2 then 1. Pass 2 must reach stage 2 at child 2; pass 3 stage 1 at child 0.
+    assert _plan([4, 2, 0]) == ([0, 2, 0], [{2}, set(), set()], [False, True, False])
+    # Two stages in one child (a block): both later passes start from that child's input.
+    assert _plan([0, 3, 3, 5]) == ([0, 0, 3, 3], [set(), {3}, set(), set()], [False, False, False, True])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_fast_pass_recomputes_only_from_the_moved_stage(depth):
+    layers = [nn.Linear(5, 5)]
+    for _ in range(depth):
+        layers += [nn.ReLU(), nn.Linear(5, 5)]
+    model = nn.Sequential(*layers)
+    x, y = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    bf.step_batch(x, y, F.cross_entropy)  # first step: finds the order with the generic engine
+    counts = count_calls(model)
+    bf.step_batch(x, y, F.cross_entropy)
+    n = depth + 1
+    # Linear at child 2j is stage j+1; pass k (k >= 2) starts at stage k-1's child.
+    expected = [0] * len(model)
+    for k in range(1, n + 1):
+        start = 0 if k == 1 else 2 * (k - 2)
+        for i in range(start, len(model)):
+            expected[i] += 1
+    assert counts == expected
+    assert counts[0] == min(2, n) and counts[-1] == n
+
+
+def test_truncated_backward_computes_no_other_weight_gradient():
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    bf.step_batch(x, y, F.cross_entropy)
+    seen = []
+    for i in (0, 2, 4):
+        model[i].weight.register_hook(lambda g, i=i: seen.append(i))
+    bf.step_batch(x, y, F.cross_entropy)
+    assert seen == [0, 2, 4]  # one weight gradient per pass, its own stage's, in order
+
+
+def inplace_block_model():
+    # Each block's in-place dropout modifies its own input, the cached input of a stage boundary
+    # (and, unlike an in-place ReLU, applying it twice is not the same as once).
+    return nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(6, 6)),
+                         nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(6, 3)))
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("base", list(BASES))
+def test_fast_engine_with_inplace_modules_equals_reference(order, base):
+    torch.manual_seed(0)
+    model = inplace_block_model()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    stages = linear_stages(model)
+    ref, ref_stages = clone(model, stages)
+    ref_opt = BASES[base](ref.parameters())
+    bf = Backforward(model, BASES[base](model.parameters()), order=order)
+    for t in range(4):
+        torch.manual_seed(t)
+        reference_step(ref, ref_opt, ref_stages[::-1] if order == "reverse" else ref_stages,
+                       lambda: _backward(F.cross_entropy(ref(x), y)))
+        torch.manual_seed(t)
+        bf.step_batch(x, y, F.cross_entropy)
+    assert_same_params(model, ref)
+
+
+def test_dropout_and_batchnorm_chain_with_blocks_equals_reference():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.4)),
+                          nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    stages = linear_stages(model)
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    bf = Backforward(model, torch.optim.Adam(model.parameters(), lr=0.05))
+    for t in range(4):
+        torch.manual_seed(100 + t)
+        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
+        torch.manual_seed(100 + t)
+        bf.step_batch(x, y, F.cross_entropy)
+    assert ChainEngine.supports(model, bf.stages)
+    assert_same_params(model, ref)
+
+
+def test_non_chains_fall_back_to_the_generic_engine():
+    class Doubling(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    for model in (Doubling(nn.Linear(3, 3), nn.Linear(3, 2)), nn.ModuleList([nn.Linear(3, 3)])):
+        opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=list(model))
+        assert not ChainEngine.supports(model, opt.stages)
+    shared = nn.Linear(3, 3)
+    assert not ChainEngine.supports(nn.Sequential(shared, nn.ReLU(), shared), [])
+
+
+def _backward(loss):
+    loss.backward()
+    return loss
