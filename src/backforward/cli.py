@@ -71,12 +71,48 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="step time and memory: sgd, the paper's loop, generic and fast engines")
+    p.add_argument("--threads", type=positive(int), default=1,
+                   help="torch threads (default 1, so ratios measure work, not threading)")
+    p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (median)")
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8], help="MLP hidden layers")
+    p.add_argument("--width", type=positive(int), default=512)
+    p.add_argument("--batch-size", type=positive(int), default=128)
+    p.add_argument("--no-cnn", action="store_true", help="leave out the small CNN")
+    p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
+    p.add_argument("--plot", default="bench.png", help="where to write the step-time-vs-depth figure")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from .bench import bench_model, default_suite, format_table, plot, records_as_dicts
+
+    torch.set_num_threads(args.threads)
+    suite = list(default_suite(args.depths, args.width, args.batch_size, not args.no_cnn))
+    records = []
+    with tqdm(total=len(suite) * (args.steps + args.warmup), desc="bench", unit="round",
+              disable=not sys.stderr.isatty()) as bar:
+        for name, depth, model, x, y in suite:
+            records += bench_model(name, depth, model, x, y, args.steps, args.warmup, progress=bar)
+    print(json.dumps(records_as_dicts(records), indent=1) if args.json else format_table(records, args.threads))
+    if args.plot:
+        plot(records, args.plot)
+        print(f"figure: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backforward", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=positive(int), default=None,
-                        help="torch threads for this process (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_toy(sub)
+    add_bench(sub)
     return parser
 
 
@@ -84,10 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
 
     args = build_parser().parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except DataError as e:

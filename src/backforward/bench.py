@@ -1,0 +1,276 @@
+"""``backforward bench``: step time and memory of SGD, the paper's loop, and the two engines.
+
+Methods are timed interleaved in one process, so machine drift hits each alike, and
+compared with the cost model of DESIGN §2, computed from each stage's FLOPs
+(forward = input-grad = weight-grad = one unit of that stage's matmul work):
+
+- ``sgd``     3·Σf − f₁ (the first stage needs no input gradient)
+- ``paper``   n times that: n full passes, every weight gradient each time
+- ``generic`` pass k: forward Σf, weight grad f_k, input grads of the stages after k
+- ``fast``    pass 1 as generic; pass k ≥ 2 recomputes from stage k−1 only
+
+Memory is counted, not timed: bytes autograd saves for backward (parameters excluded),
+plus the activations the fast engine caches between passes, at the step's peak.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .models import mlp, small_cnn
+from .optimizer import Backforward
+from .reference import reference_step
+
+METHODS = ("sgd", "paper", "generic", "fast")
+TARGETS = {"fast_vs_predicted": 1.15, "generic_vs_predicted": 1.2, "fast_speedup_over_paper": 2.0}
+
+
+@dataclass
+class Record:
+    model: str
+    depth: int
+    method: str
+    ms_per_step: float
+    ratio_to_sgd: float
+    predicted_ratio: float
+    saved_bytes: int
+
+
+def stage_flops(model: nn.Sequential, x: torch.Tensor) -> list[float]:
+    """Forward multiply-adds of each parameterised child, in order (elementwise ones count their outputs)."""
+    flops: list[float] = []
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            flops.append(inputs[0].numel() / module.in_features * module.in_features * module.out_features)
+        elif isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            flops.append(float(output.numel() * k))
+        else:
+            flops.append(float(output.numel()))
+
+    handles = [c.register_forward_hook(count) for c in model if any(True for _ in c.parameters())]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return flops
+
+
+def predicted_units(flops: Sequence[float]) -> dict[str, float]:
+    """Cost of one step of each method in FLOP units, by the model above."""
+    n, total = len(flops), sum(flops)
+    sgd = 3 * total - flops[0]
+    generic = sum(total + flops[k] + sum(flops[k + 1:]) for k in range(n))
+    fast = (total + flops[0] + sum(flops[1:])) + sum(
+        sum(flops[k - 1:]) + flops[k] + sum(flops[k + 1:]) for k in range(1, n))
+    return {"sgd": sgd, "paper": n * sgd, "generic": generic, "fast": fast}
+
+
+class SavedBytes:
+    """Peak bytes held for backward (parameters excluded) plus extra tensors, such as a prefix cache.
+
+    Inside the context, every tensor autograd saves is wrapped; the wrapper lives as long as
+    the graph keeps it, so the live total falls when a graph is freed.
+    """
+
+    def __init__(self, exclude: Sequence[torch.Tensor], extra: Callable[[], list[torch.Tensor]] = list):
+        self._excluded = {p.untyped_storage().data_ptr() for p in exclude}
+        self._extra = extra
+        self._live: dict[int, list[int]] = {}  # storage pointer -> [holders, bytes]
+        self.peak = 0
+
+    class _Holder:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor: torch.Tensor):
+            self.tensor = tensor
+
+    def _pack(self, tensor: torch.Tensor) -> object:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        holder = self._Holder(tensor)
+        if ptr not in self._excluded and ptr != 0:
+            entry = self._live.setdefault(ptr, [0, storage.nbytes()])
+            entry[0] += 1
+            weakref.finalize(holder, self._release, ptr)
+            self._observe()
+        return holder
+
+    def _release(self, ptr: int) -> None:
+        entry = self._live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._live[ptr]
+
+    def _observe(self) -> None:
+        held = {ptr: size for ptr, (_, size) in self._live.items()}
+        for t in self._extra():
+            held.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        self.peak = max(self.peak, sum(held.values()))
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda holder: holder.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def method_steppers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, tuple]:
+    """For each method: (its own model copy, a function doing one step, extra tensors it holds)."""
+    loss_fn = nn.functional.cross_entropy
+    steppers = {}
+    for method in METHODS:
+        m = copy.deepcopy(model)
+        base = torch.optim.SGD(m.parameters(), lr=lr)
+
+        def closure(m=m) -> torch.Tensor:
+            loss = loss_fn(m(x), y)
+            loss.backward()
+            return loss
+
+        if method == "sgd":
+            def step(m=m, base=base, closure=closure) -> None:
+                base.zero_grad()
+                closure()
+                base.step()
+            extra: Callable[[], list[torch.Tensor]] = list
+        elif method == "paper":
+            stages = [list(c.parameters()) for c in m if any(True for _ in c.parameters())]
+
+            def step(m=m, base=base, stages=stages, closure=closure) -> None:
+                reference_step(m, base, stages, closure)
+            extra = list
+        else:
+            bf = Backforward(m, base)
+            if method == "generic":
+                def step(bf=bf, closure=closure) -> None:
+                    bf.step(closure)
+            else:
+                def step(bf=bf) -> None:
+                    bf.step_batch(x, y, loss_fn)
+            extra = bf.cached_activations
+            step()  # the first step finds the stage order; leave it out of the measurement
+        steppers[method] = (m, step, extra)
+    return steppers
+
+
+def bench_model(name: str, depth: int, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
+                steps: int = 20, warmup: int = 3, lr: float = 1e-3, progress=None) -> list[Record]:
+    steppers = method_steppers(model, x, y, lr)
+    saved = {}
+    for method, (m, step, extra) in steppers.items():
+        with SavedBytes(list(m.parameters()), extra) as counter:
+            step()
+        saved[method] = counter.peak
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for i in range(warmup + steps):
+        for method, (_, step, _) in steppers.items():  # interleaved: drift hits every method alike
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[method].append(time.perf_counter() - start)
+        if progress is not None:
+            progress.update(1)
+    units = predicted_units(stage_flops(model, x))
+    sgd_ms = statistics.median(times["sgd"]) * 1e3
+    records = []
+    for method in METHODS:
+        ms = statistics.median(times[method]) * 1e3
+        records.append(Record(name, depth, method, ms, ms / sgd_ms, units[method] / units["sgd"], saved[method]))
+    return records
+
+
+def default_suite(depths: Sequence[int], width: int, batch: int, cnn: bool, seed: int = 0):
+    """(name, depth, model, x, y) for the MLPs and the small CNN."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    for depth in depths:
+        torch.manual_seed(seed)
+        yield f"mlp{depth}x{width}", depth, mlp(depth, width), x, y
+    if cnn:
+        torch.manual_seed(seed)
+        yield "cnn", 2, small_cnn(), x, y
+
+
+def check_targets(records: Sequence[Record]) -> list[tuple[str, bool, str]]:
+    """Each target of the fast-engine issue: (what, met, the measured numbers)."""
+    by = {(r.model, r.method): r for r in records}
+    models = sorted({r.model for r in records}, key=[r.model for r in records].index)
+    results = []
+    for model in models:
+        fast, generic, sgd = by[(model, "fast")], by[(model, "generic")], by[(model, "sgd")]
+        f_over = fast.ratio_to_sgd / fast.predicted_ratio
+        g_over = generic.ratio_to_sgd / generic.predicted_ratio
+        results.append((f"{model}: fast within {TARGETS['fast_vs_predicted']}x of predicted",
+                        f_over <= TARGETS["fast_vs_predicted"], f"measured/predicted = {f_over:.2f}"))
+        results.append((f"{model}: generic within {TARGETS['generic_vs_predicted']}x of predicted",
+                        g_over <= TARGETS["generic_vs_predicted"], f"measured/predicted = {g_over:.2f}"))
+        results.append((f"{model}: fast saved bytes <= sgd", fast.saved_bytes <= sgd.saved_bytes,
+                        f"{fast.saved_bytes:,} vs {sgd.saved_bytes:,}"))
+    deepest = max((r for r in records if r.model.startswith("mlp")), key=lambda r: r.depth, default=None)
+    if deepest is not None:
+        paper, fast = by[(deepest.model, "paper")], by[(deepest.model, "fast")]
+        speedup = paper.ms_per_step / fast.ms_per_step
+        results.append((f"{deepest.model}: fast >= {TARGETS['fast_speedup_over_paper']}x faster than paper",
+                        speedup >= TARGETS["fast_speedup_over_paper"], f"{speedup:.2f}x"))
+    return results
+
+
+def format_table(records: Sequence[Record], threads: int) -> str:
+    lines = [f"backforward bench: {threads} thread(s), median ms/step, interleaved",
+             f"{'model':<12}{'depth':>6} {'method':<8}{'ms/step':>10}{'x sgd':>8}{'predicted':>10}"
+             f"{'meas/pred':>10}{'saved bytes':>14}"]
+    for r in records:
+        lines.append(f"{r.model:<12}{r.depth:>6} {r.method:<8}{r.ms_per_step:>10.2f}{r.ratio_to_sgd:>8.2f}"
+                     f"{r.predicted_ratio:>10.2f}{r.ratio_to_sgd / r.predicted_ratio:>10.2f}{r.saved_bytes:>14,}")
+    lines.append("")
+    for what, met, detail in check_targets(records):
+        lines.append(f"{'met ' if met else 'MISS'}  {what}: {detail}")
+    return "\n".join(lines)
+
+
+def records_as_dicts(records: Sequence[Record]) -> list[dict]:
+    return [asdict(r) for r in records]
+
+
+def plot(records: Sequence[Record], path: str) -> None:
+    """Step time against depth for the MLPs, each method with its cost-model curve (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write_bytes
+
+    mlps = [r for r in records if r.model.startswith("mlp")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sgd_ms = {r.depth: r.ms_per_step for r in mlps if r.method == "sgd"}
+    for i, method in enumerate(METHODS):
+        rows = sorted((r for r in mlps if r.method == method), key=lambda r: r.depth)
+        depths = [r.depth for r in rows]
+        color = f"C{i}"
+        ax.plot(depths, [r.ms_per_step for r in rows], "o-", color=color, label=f"{method} (measured)")
+        ax.plot(depths, [r.predicted_ratio * sgd_ms[r.depth] for r in rows], "--", color=color, alpha=0.6)
+    ax.set_xlabel("hidden layers (stages n = depth + 1)")
+    ax.set_ylabel("ms per step")
+    ax.set_yscale("log")
+    ax.set_title("Step time vs depth (dashed: cost model x measured sgd)")
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
