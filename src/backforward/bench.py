@@ -1,13 +1,7 @@
 """``backforward bench``: step time and memory of SGD, the paper's loop, and the two engines.
 
 Methods are timed interleaved in one process, so machine drift hits each alike, and
-compared with the cost model of DESIGN §2, computed from each stage's FLOPs
-(forward = input-grad = weight-grad = one unit of that stage's matmul work):
-
-- ``sgd``     3·Σf − f₁ (the first stage needs no input gradient)
-- ``paper``   n times that: n full passes, every weight gradient each time
-- ``generic`` pass k: forward Σf, weight grad f_k, input grads of the stages after k
-- ``fast``    pass 1 as generic; pass k ≥ 2 recomputes from stage k−1 only
+compared with the cost model (``cost.py``) computed from each stage's FLOPs.
 
 Memory is counted, not timed: bytes autograd saves for backward (parameters excluded),
 plus the activations the fast engine caches between passes, at the step's peak.
@@ -25,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .cost import predicted_units, stage_flops
 from .models import mlp, small_cnn
 from .optimizer import Backforward
 from .reference import reference_step
@@ -42,37 +37,6 @@ class Record:
     ratio_to_sgd: float
     predicted_ratio: float
     saved_bytes: int
-
-
-def stage_flops(model: nn.Sequential, x: torch.Tensor) -> list[float]:
-    """Forward multiply-adds of each parameterised child, in order (elementwise ones count their outputs)."""
-    flops: list[float] = []
-
-    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Linear):
-            flops.append(inputs[0].numel() / module.in_features * module.in_features * module.out_features)
-        elif isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            flops.append(float(output.numel() * k))
-        else:
-            flops.append(float(output.numel()))
-
-    handles = [c.register_forward_hook(count) for c in model if any(True for _ in c.parameters())]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return flops
-
-
-def predicted_units(flops: Sequence[float]) -> dict[str, float]:
-    """Cost of one step of each method in FLOP units, by the model above."""
-    n, total = len(flops), sum(flops)
-    sgd = 3 * total - flops[0]
-    generic = sum(total + flops[k] + sum(flops[k + 1:]) for k in range(n))
-    fast = (total + flops[0] + sum(flops[1:])) + sum(
-        sum(flops[k - 1:]) + flops[k] + sum(flops[k + 1:]) for k in range(1, n))
-    return {"sgd": sgd, "paper": n * sgd, "generic": generic, "fast": fast}
 
 
 class SavedBytes:

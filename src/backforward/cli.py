@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 
 def positive(kind: Callable) -> Callable[[str], object]:
@@ -108,11 +109,92 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="one resumable training run; metrics.jsonl and checkpoints in --out")
+    p.add_argument("--method", default="sgd", help="sgd or backforward")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--depth", type=int, default=1, help="hidden layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batchnorm", action="store_true", help="BatchNorm after each hidden Linear")
+    p.add_argument("--order", default="forward", help="Backforward stage order: forward or reverse")
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="constant", help="constant or cosine (decays to 0)")
+    p.add_argument("--switch-epoch", type=int, default=0, help="Backforward for N epochs, then SGD")
+    p.add_argument("--init-from", default=None, help="start from the final model of this run directory")
+    p.add_argument("--track-ics", action="store_true", help="log per-layer ICS (mean over steps) per epoch")
+    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(run=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .distributed import launched_by_torchrun, process_group
+    from .train import EXIT_DIVERGED, ConfigMismatch, Diverged, TrainConfig, train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    try:
+        config.validate()
+    except ValueError as e:
+        return fail(str(e))
+    with process_group(config.device) if launched_by_torchrun() else nullcontext():
+        try:
+            train(config, args.out, resume=args.resume)
+        except (ConfigMismatch, ValueError) as e:
+            return fail(str(e))
+        except Diverged as e:
+            print(f"backforward: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+    return 0
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="full MNIST: download the IDX files, or check a directory")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    d = verbs.add_parser("download", help="fetch the four IDX files (checksummed, written atomically)")
+    d.add_argument("--to", required=True, help="directory to write into")
+    d.add_argument("--mirror", default=None, help="base URL holding the four .gz files")
+    d.set_defaults(run=cmd_data_download)
+    c = verbs.add_parser("check", help="parse a directory of IDX files and print what it holds")
+    c.add_argument("data_dir")
+    c.set_defaults(run=cmd_data_check)
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from .data import MNIST_MIRROR, download
+
+    for path in download(args.to, args.mirror or MNIST_MIRROR):
+        print(path)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data import load_idx_dir
+
+    split = load_idx_dir(args.data_dir)
+    print(f"{split.source}: {len(split.y_train)} training and {len(split.y_val)} validation digits")
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"backforward: error: {message}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backforward", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_toy(sub)
     add_bench(sub)
+    add_train(sub)
+    add_data(sub)
     return parser
 
 
@@ -123,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except DataError as e:
-        print(f"backforward: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except KeyboardInterrupt:
         print("backforward: interrupted", file=sys.stderr)
         return 130

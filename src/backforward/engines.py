@@ -135,7 +135,8 @@ def _check_pass(loss: object, stages: Sequence[Stage], j: int, k: int) -> None:
         raise ValueError(f"the loss must be a scalar; got shape {tuple(loss.shape)} in {where}")
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise FloatingPointError(f"non-finite loss {value} in {where}; stages before it were already updated")
+        moved = "; the stages before it were already updated" if j > 0 else ""
+        raise FloatingPointError(f"non-finite loss {value} in {where}{moved}")
     if loss.requires_grad and all(p.grad is None for p in stages[k].params):
         raise RuntimeError(f"the closure did not call backward() in {where}")
 
