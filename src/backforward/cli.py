@@ -183,6 +183,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_reproduce(sub) -> None:
+    from .experiments import default_jobs
+
+    p = sub.add_parser("reproduce", help="the paper's experiments, several seeds, figures and a claims report")
+    p.add_argument("--quick", action="store_true", help="fewer seeds and epochs (a few minutes on 2 cores)")
+    p.add_argument("--out", default="runs/reproduce", help="output directory (REPORT.md, figures, runs/)")
+    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
+    p.add_argument("--jobs", type=positive(int), default=default_jobs(), help="runs in parallel (default: cores)")
+    p.set_defaults(run=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .reproduce import reproduce
+
+    report = reproduce(Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
+    print(report.read_text())
+    print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
 def fail(message: str) -> int:
     print(f"backforward: error: {message}", file=sys.stderr)
     return 2
@@ -195,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
     add_train(sub)
     add_data(sub)
+    add_reproduce(sub)
     return parser
 
 
