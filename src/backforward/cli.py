@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
+REPORT_DIR = "runs/report"  # reproduce and the studies add their sections to one report
+
 
 def positive(kind: Callable) -> Callable[[str], object]:
     def parse(text: str):
@@ -188,7 +190,7 @@ def add_reproduce(sub) -> None:
 
     p = sub.add_parser("reproduce", help="the paper's experiments, several seeds, figures and a claims report")
     p.add_argument("--quick", action="store_true", help="fewer seeds and epochs (a few minutes on 2 cores)")
-    p.add_argument("--out", default="runs/reproduce", help="output directory (REPORT.md, figures, runs/)")
+    p.add_argument("--out", default=REPORT_DIR, help="output directory (REPORT.md, figures, runs/)")
     p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
     p.add_argument("--jobs", type=positive(int), default=default_jobs(), help="runs in parallel (default: cores)")
     p.set_defaults(run=cmd_reproduce)
@@ -201,6 +203,32 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     report = reproduce(Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
     print(report.read_text())
+    print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
+def add_study(sub) -> None:
+    from .experiments import default_jobs
+    from .studies import STUDIES
+
+    p = sub.add_parser("study", help="the paper's open questions: " + ", ".join(STUDIES) + ", or all")
+    p.add_argument("name", choices=[*STUDIES, "all"])
+    p.add_argument("--quick", action="store_true", help="fewer seeds, epochs and settings (minutes each)")
+    p.add_argument("--out", default=REPORT_DIR, help="output directory (REPORT.md, figures, runs/)")
+    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
+    p.add_argument("--jobs", type=positive(int), default=default_jobs(), help="runs in parallel (default: cores)")
+    p.set_defaults(run=cmd_study)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .studies import STUDIES, run_study
+
+    names = list(STUDIES) if args.name == "all" else [args.name]
+    for name in names:
+        report = run_study(name, Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
+        print((Path(args.out) / "sections" / f"{name}.md").read_text())
     print(f"report: {report}", file=sys.stderr)
     return 0
 
@@ -218,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_data(sub)
     add_reproduce(sub)
+    add_study(sub)
     return parser
 
 

@@ -108,7 +108,8 @@ def compare(claim: str, measure: str, a: Sequence[float], b: Sequence[float], *,
 
 
 def claims_table(claims: Sequence[Claim], a_label: str = "SGD", b_label: str = "Backforward") -> str:
-    rows = [f"| claim | measure | {a_label} (A) | {b_label} (B) | B − A, 95% CI | verdict |",
+    a_head, b_head = (label if label in "AB" else f"{label} ({arm})" for label, arm in ((a_label, "A"), (b_label, "B")))
+    rows = [f"| claim | measure | {a_head} | {b_head} | B − A, 95% CI | verdict |",
             "|---|---|---|---|---|---|"]
     rows += [f"| {c.claim} | {c.measure} | {c.a} | {c.b} | {c.difference} | **{c.verdict}** |" for c in claims]
     return "\n".join(rows)

@@ -1,0 +1,161 @@
+"""The ICS meter against a direct computation with autograd on copies of the model."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from backforward import Backforward, measure_ics
+from backforward.train import TrainConfig, train
+
+F = nn.functional
+
+
+def mlp3():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    return model, torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+
+def grads_at(model, x, y):
+    m = copy.deepcopy(model)
+    F.cross_entropy(m(x), y).backward()
+    return [torch.cat([p.grad.reshape(-1) for p in m[i].parameters()]) for i in (0, 2, 4)]
+
+
+def moved(model, layer, delta):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, d in zip(m[layer].parameters(), delta, strict=True):
+            p.sub_(d)
+    return m
+
+
+def split(flat, module):
+    out, i = [], 0
+    for p in module.parameters():
+        out.append(flat[i:i + p.numel()].view_as(p))
+        i += p.numel()
+    return out
+
+
+def expected_shift(g, g_prime):
+    return float((g - g_prime).norm()), float(g @ g_prime / (g.norm() * g_prime.norm()))
+
+
+def test_backforward_track_ics_matches_direct_computation():
+    lr = 0.5
+    model, x, y = mlp3()
+    start = copy.deepcopy(model)
+    G = grads_at(start, x, y)
+    # Backforward's G'_k by hand: stage 1 moves with G_1, stage 2 with G'_2 computed after it, and so on.
+    step1 = moved(start, 0, [lr * d for d in split(G[0], start[0])])
+    G2 = grads_at(step1, x, y)[1]
+    step2 = moved(step1, 2, [lr * d for d in split(G2, start[2])])
+    G3 = grads_at(step2, x, y)[2]
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=lr), track_ics=True)
+    bf.step_batch(x, y, F.cross_entropy)
+    report = bf.last_report
+    assert report.stage_names == ["0", "2", "4"]
+    assert report.grad_shift[0] == 0.0 and report.grad_cosine[0] == pytest.approx(1.0)
+    for k, g_prime in ((1, G2), (2, G3)):
+        shift, cosine = expected_shift(G[k], g_prime)
+        assert report.grad_shift[k] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
+        assert report.grad_cosine[k] == pytest.approx(cosine, rel=1e-5)
+    assert report.losses == bf.last_losses
+
+
+def test_measure_ics_matches_santurkar_definition_and_leaves_the_model_alone():
+    lr = 0.5
+    model, x, y = mlp3()
+    model.append(nn.Dropout(0.3))  # randomness: must be the same in every pass and restored after
+    G_eval = grads_at(model.eval(), x, y)
+    model.train()
+    torch.manual_seed(5)
+    m = copy.deepcopy(model)
+    F.cross_entropy(m(x), y).backward()
+    G_train = [torch.cat([p.grad.reshape(-1) for p in m[i].parameters()]) for i in (0, 2, 4)]
+    # Plain SGD trajectory: earlier layers take θ − lr·G (all from θ_t); G'_3 sees both moved.
+    both = moved(moved(model, 0, [lr * d for d in split(G_train[0], model[0])]), 2,
+                 [lr * d for d in split(G_train[1], model[2])])
+    torch.manual_seed(5)
+    G3 = torch.cat([p.grad.reshape(-1) for p in _grad(both, x, y)[4].parameters()])
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(5)
+    report = measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), lr)
+    after_rng = torch.rand(2)
+    torch.manual_seed(5)
+    assert torch.equal(after_rng, torch.rand(2))  # RNG left as it was
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert report.grad_shift[0] == 0.0
+    shift, cosine = expected_shift(G_train[2], G3)
+    assert report.grad_shift[2] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
+    assert report.grad_cosine[2] == pytest.approx(cosine, rel=1e-5)
+    assert not torch.allclose(G_eval[0], G_train[0])  # dropout really was on in the measured passes
+
+
+def _grad(model, x, y):
+    m = copy.deepcopy(model)
+    F.cross_entropy(m(x), y).backward()
+    return m
+
+
+def _backward(loss):
+    loss.backward()
+    return loss
+
+
+def test_single_stage_has_no_shift():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    report = measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), 1.0)
+    assert report.grad_shift == [0.0] and report.grad_cosine[0] == pytest.approx(1.0)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=1.0), track_ics=True)
+    bf.step_batch(x, y, F.cross_entropy)
+    assert bf.last_report.grad_shift == [0.0]
+
+
+def test_batchnorm_buffers_restored_by_measure_ics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    buffers = [b.clone() for b in model.buffers()]
+    measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
+def test_without_track_ics_no_extra_weight_gradient_is_computed():
+    model, x, y = mlp3()
+    for track in (False, True):
+        bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), track_ics=track)
+        bf.step_batch(x, y, F.cross_entropy)  # finds the order
+        seen = []
+        handles = [model[i].weight.register_hook(lambda g, i=i, seen=seen: seen.append(i))
+                   for i in (0, 2, 4)]
+        bf.step_batch(x, y, F.cross_entropy)
+        for h in handles:
+            h.remove()
+        # Without the meter: one weight gradient per pass. With it: all three in pass 1, then one each.
+        assert seen == ([0, 2, 4] if not track else sorted([0, 2, 4], reverse=True) + [2, 4])
+        assert (bf.last_report is None) == (not track)
+
+
+def test_measure_ics_rejects_bad_lr():
+    model, x, y = mlp3()
+    with pytest.raises(ValueError, match="lr must be positive"):
+        measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), 0.0)
+
+
+@pytest.mark.parametrize("method", ["sgd", "backforward"])
+def test_train_logs_per_layer_ics(tmp_path, method):
+    metrics = train(TrainConfig(method=method, epochs=1, hidden=16, depth=2, track_ics=True), tmp_path / "r",
+                    progress=False)
+    ics = metrics[0]["ics"]
+    assert list(ics) == ["0", "2", "4"]
+    assert ics["0"]["grad_shift"] == 0.0
+    assert ics["2"]["grad_shift"] > 0 and ics["4"]["grad_shift"] > 0
+    assert all(0.0 < v["grad_cosine"] <= 1.0 + 1e-9 for v in ics.values() if not math.isnan(v["grad_cosine"]))
