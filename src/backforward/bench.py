@@ -238,3 +238,96 @@ def plot(records: Sequence[Record], path: str) -> None:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---- communication: Backforward's per-pass all-reduce against DDP's ----
+
+@dataclass
+class CommRecord:
+    model: str
+    method: str
+    allreduce_calls_per_step: float
+    allreduce_bytes_per_step: float
+    parameter_bytes: int
+
+
+def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width: int, batch: int,
+                steps: int, queue) -> None:
+    """In each of ``world`` gloo processes: count all-reduce calls and bytes per step of both methods."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    counts = {"calls": 0, "bytes": 0}
+    plain_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        counts["calls"] += 1
+        counts["bytes"] += tensor.numel() * tensor.element_size()
+        return plain_all_reduce(tensor, *args, **kwargs)
+
+    loss_fn = nn.functional.cross_entropy
+    records = []
+    for name, _, model, x, y in default_suite(depths, width, batch, cnn=False):
+        xs, ys = x[rank::world], y[rank::world]
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        bf_model = copy.deepcopy(model)
+        bf = Backforward(bf_model, torch.optim.SGD(bf_model.parameters(), lr=1e-3))
+        ddp = DistributedDataParallel(copy.deepcopy(model))
+        ddp.register_comm_hook(None, allreduce_hook)  # DDP's own reduction, through dist.all_reduce: counted
+        ddp_opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+
+        def ddp_step(ddp=ddp, ddp_opt=ddp_opt, xs=xs, ys=ys) -> None:
+            ddp_opt.zero_grad()
+            loss_fn(ddp(xs), ys).backward()
+            ddp_opt.step()
+
+        def bf_step(bf=bf, xs=xs, ys=ys) -> None:
+            bf.step_batch(xs, ys, loss_fn)
+
+        dist.all_reduce = counting_all_reduce
+        try:
+            for method, step in (("backforward", bf_step), ("ddp", ddp_step)):
+                step()  # warm-up: Backforward finds its stage order, DDP builds its buckets
+                counts.update(calls=0, bytes=0)
+                for _ in range(steps):
+                    step()
+                records.append(CommRecord(name, method, counts["calls"] / steps, counts["bytes"] / steps,
+                                          param_bytes))
+        finally:
+            dist.all_reduce = plain_all_reduce
+    if rank == 0:
+        queue.put([asdict(r) for r in records])
+    dist.destroy_process_group()
+
+
+def comm_records(depths: Sequence[int], width: int, batch: int, steps: int = 3, world: int = 2) -> list[CommRecord]:
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        procs = [context.Process(target=comm_worker, args=(r, world, f"{folder}/store", list(depths), width, batch,
+                                                           steps, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        rows = queue.get(timeout=600)
+        for p in procs:
+            p.join(timeout=60)
+    return [CommRecord(**r) for r in rows]
+
+
+def format_comm(records: Sequence[CommRecord]) -> str:
+    lines = ["backforward bench --distributed: 2 gloo processes on CPU, per step",
+             f"{'model':<12} {'method':<12}{'all-reduce calls':>18}{'bytes':>14}{'parameter bytes':>17}"]
+    for r in records:
+        lines.append(f"{r.model:<12} {r.method:<12}{r.allreduce_calls_per_step:>18.1f}"
+                     f"{r.allreduce_bytes_per_step:>14,.0f}{r.parameter_bytes:>17,}")
+    lines.append("Backforward: one all-reduce per pass (n per step) of that stage's gradients plus its 4-byte loss;"
+                 " DDP: one per gradient bucket.")
+    return "\n".join(lines)

@@ -69,3 +69,33 @@ def process_group(device: str = "cpu", timeout_s: float = 300.0) -> Iterator[Non
         yield
     finally:
         dist.destroy_process_group()
+
+
+def debug_mode() -> bool:
+    """TORCH_DISTRIBUTED_DEBUG is INFO or DETAIL."""
+    return dist.is_available() and dist.is_initialized() and dist.get_debug_level() != dist.DebugLevel.OFF
+
+
+def check_replicas(params: list[torch.Tensor], group: Any = None) -> None:
+    """Raise if the parameters differ between processes (two float64 checksums, one small all-reduce)."""
+    if grad_averager(group) is None:
+        return
+    with torch.no_grad():
+        local = torch.stack([sum(p.detach().double().sum() for p in params),
+                             sum((p.detach().double() ** 2).sum() for p in params)]).cpu()
+    extremes = torch.cat([local, -local])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)  # max, and -min, of each checksum
+    if not torch.equal(extremes[:2], -extremes[2:]):
+        raise RuntimeError(f"parameters differ across processes after the step (rank {dist.get_rank()}: "
+                           f"checksums {local.tolist()}, range over ranks {(-extremes[2:]).tolist()} .. "
+                           f"{extremes[:2].tolist()})")
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every process, in rank order (``[obj]`` when not distributed)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered

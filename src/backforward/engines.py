@@ -62,7 +62,8 @@ def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPas
     ``sequence`` may be a callable evaluated after the first pass (the stage order is
     found during it); that needs ``full_first_pass``, in which every stage requires grad.
     ``others`` are trainable parameters outside every stage: they get no gradient.
-    ``reduce_grads`` averages a list of gradients across processes in place.
+    ``reduce_grads`` averages a list of tensors across processes in place (each pass's
+    gradients and its loss, in one call).
     """
     if callable(sequence) and not full_first_pass:
         raise ValueError("a stage order found during the step needs a full first pass")
@@ -100,6 +101,7 @@ def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPas
                         b.copy_(saved)
             k = order[j]
             _check_pass(loss, stages, j, k)
+            value = loss.detach().reshape(1).clone()
             if full:
                 start_grads = [[None if p.grad is None else p.grad.detach().clone() for p in s.params]
                                for s in stages]
@@ -111,12 +113,14 @@ def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPas
                             p.grad = None
             grads = [p.grad for p in stages[k].params]
             if reduce_grads is not None:
-                reduce_grads([g for g in grads if g is not None])
+                # The pass loss rides along, so every process sees the same loss and stops on the same pass.
+                reduce_grads([g for g in grads if g is not None] + [value])
+            _check_finite(float(value[0]), stages, j, k)
             apply_update(k)
             used[k] = grads
             for p in stages[k].params:
                 p.grad = None  # later passes and base steps must not see it
-            losses.append(loss.detach())
+            losses.append(value[0])
         rng_restore(rng_after)  # as after one forward pass
     finally:
         for p, flag in requires:
@@ -127,18 +131,24 @@ def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPas
     return StepResult(losses, order, used, start_grads)
 
 
+def _where(stages: Sequence[Stage], j: int, k: int) -> str:
+    return f"pass {j + 1} (stage {k + 1}, {stages[k].name!r})"
+
+
 def _check_pass(loss: object, stages: Sequence[Stage], j: int, k: int) -> None:
-    where = f"pass {j + 1} (stage {k + 1}, {stages[k].name!r})"
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the closure must return the loss tensor; it returned {type(loss).__name__} in {where}")
+        raise TypeError(f"the closure must return the loss tensor; it returned {type(loss).__name__} "
+                        f"in {_where(stages, j, k)}")
     if loss.numel() != 1:
-        raise ValueError(f"the loss must be a scalar; got shape {tuple(loss.shape)} in {where}")
-    value = float(loss.detach())
+        raise ValueError(f"the loss must be a scalar; got shape {tuple(loss.shape)} in {_where(stages, j, k)}")
+    if loss.requires_grad and all(p.grad is None for p in stages[k].params):
+        raise RuntimeError(f"the closure did not call backward() in {_where(stages, j, k)}")
+
+
+def _check_finite(value: float, stages: Sequence[Stage], j: int, k: int) -> None:
     if not math.isfinite(value):
         moved = "; the stages before it were already updated" if j > 0 else ""
-        raise FloatingPointError(f"non-finite loss {value} in {where}{moved}")
-    if loss.requires_grad and all(p.grad is None for p in stages[k].params):
-        raise RuntimeError(f"the closure did not call backward() in {where}")
+        raise FloatingPointError(f"non-finite loss {value} in {_where(stages, j, k)}{moved}")
 
 
 def closure_pass(closure: Callable[[], torch.Tensor]) -> RunPass:

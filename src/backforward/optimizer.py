@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .engines import ChainEngine, RunPass, StepResult, backforward_step, closure_pass
 from .ics import ICSReport, shift_and_cosine
 from .stages import (
@@ -54,6 +55,8 @@ class Backforward(torch.optim.Optimizer):
             ``last_report`` with ‖G_k − G'_k‖ and cos∠(G_k, G'_k) per stage.
         process_group: average each stage's gradients over this ``torch.distributed``
             group after each pass (default: the world group when initialised).
+        check_replicas: after each step, compare parameter checksums across processes and
+            raise if they differ (default: on when ``TORCH_DISTRIBUTED_DEBUG`` is set).
 
     The wrapper shares the base optimizer's ``param_groups`` and ``state``, so LR
     schedulers, ``state_dict``, ``zero_grad`` and hooks work unchanged. ``step(closure)``
@@ -65,7 +68,7 @@ class Backforward(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  stages: Sequence[nn.Module | Iterable[nn.Parameter]] | None = None,
                  order: str = "forward", *, track_ics: bool = False,
-                 process_group: Any = None):
+                 process_group: Any = None, check_replicas: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -86,6 +89,7 @@ class Backforward(torch.optim.Optimizer):
         self.order = order
         self.track_ics = track_ics
         self.process_group = process_group
+        self.check_replicas = check_replicas
         self.last_losses: list[float] = []
         self.last_report: ICSReport | None = None
         given = stages is not None
@@ -154,6 +158,7 @@ class Backforward(torch.optim.Optimizer):
             self._stages = [stages[i] for i in self._sequence(result.sequence)]  # reverse undoes reverse
             self._ordered = True
         self.last_losses = [float(v) for v in result.losses]
+        self._check_replicas()
         if self.track_ics:
             self.last_report = self._report(stages, result)
         return result.losses[0]
@@ -164,9 +169,12 @@ class Backforward(torch.optim.Optimizer):
                                 reduce_grads=self._reducer())
 
     def _reducer(self) -> Callable[[list[torch.Tensor]], None] | None:
-        from . import distributed  # torch.distributed is imported only when it is used
-
         return distributed.grad_averager(self.process_group)
+
+    def _check_replicas(self) -> None:
+        check = self.check_replicas if self.check_replicas is not None else distributed.debug_mode()
+        if check:
+            distributed.check_replicas([p for s in self._stages for p in s.params], self.process_group)
 
     def _report(self, stages: list[Stage], result: StepResult) -> ICSReport:
         """Per stage in forward order; ``stages`` is the list the step's indices refer to."""

@@ -140,8 +140,12 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     if steps_per_epoch == 0:
         raise ValueError(f"batch-size {config.batch_size} exceeds the {len(y_train)} training samples")
 
+    if not resume and (out / "checkpoint.pt").exists():  # every rank checks, so none waits for the others
+        raise ConfigMismatch(f"{out} already holds a run; pass --resume to continue it")
     torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
+    model = build_model(config).to(device)  # the same initial weights on every rank
+    if world > 1 and rank > 0:
+        torch.manual_seed(config.seed + 7919 * rank)  # other dropout masks on other ranks, as in plain DDP
     if config.init_from:
         model.load_state_dict(torch.load(Path(config.init_from) / "checkpoint.pt", map_location=device,
                                          weights_only=True)["model"])
@@ -152,10 +156,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     flops = predicted_units(stage_flops(model, x_train[: config.batch_size // world]))
     metrics: list[dict] = []
     if resume and (out / "checkpoint.pt").exists():
-        metrics = _restore(out / "checkpoint.pt", config, model, base)
+        metrics = _restore(out / "checkpoint.pt", config, model, base, rank)
     elif writer:
-        if (out / "checkpoint.pt").exists():
-            raise ConfigMismatch(f"{out} already holds a run; pass --resume to continue it")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
     if writer:
@@ -216,8 +218,9 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         if ics:
             record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1])} for name, v in ics.items()}
         metrics.append(record)
+        rng_states = distributed.gather_objects(_rng_state())  # every rank's, so each resumes its own stream
         if writer:
-            _save(out, config, model, base, metrics)
+            _save(out, config, model, base, metrics, rng_states)
         if progress and writer and not sys.stderr.isatty():
             print(f"epoch {epoch}/{config.epochs}  train_loss {record['train_loss']:.4f}  "
                   f"val_acc {val_acc:.4f}  ({seconds:.1f}s)", file=sys.stderr)
@@ -232,9 +235,10 @@ def _train_step(model, base, backforward, use_backforward, xb, yb, loss_fn, aver
     base.zero_grad()
     loss = loss_fn(model(xb), yb)
     loss.backward()
-    if average is not None:
-        average([p.grad for p in model.parameters() if p.grad is not None])
-    loss = loss.detach()
+    loss = loss.detach().reshape(1).clone()
+    if average is not None:  # the loss rides along: every rank sees the same loss and stops alike
+        average([p.grad for p in model.parameters() if p.grad is not None] + [loss])
+    loss = loss[0]
     if math.isfinite(float(loss)):
         base.step()
     return loss
@@ -270,17 +274,22 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
-def _save(out: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer, metrics: list[dict]) -> None:
-    """Checkpoint first, then the metrics it holds: a crash between the two loses nothing on resume."""
+def _rng_state() -> dict:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}
+
+
+def _save(out: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer, metrics: list[dict],
+          rng_states: list[dict]) -> None:
+    """Checkpoint first, then the metrics it holds: a crash between the two loses nothing on resume."""
     atomic_torch_save({"config": asdict(config), "model": model.state_dict(), "optimizer": base.state_dict(),
-                       "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
-                       "metrics": metrics}, out / "checkpoint.pt")
+                       "rng": rng_states, "metrics": metrics}, out / "checkpoint.pt")
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     atomic_write_text(out / "status.json", json.dumps({"status": "running", "epochs": len(metrics)}) + "\n")
 
 
-def _restore(path: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer) -> list[dict]:
+def _restore(path: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer,
+             rank: int) -> list[dict]:
     state = torch.load(path, map_location=config.device, weights_only=True)
     saved = TrainConfig.from_dict(state["config"])
     differ = [f.name for f in fields(TrainConfig)
@@ -290,9 +299,11 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, base: torch.opti
                              "use another --out or the same arguments")
     model.load_state_dict(state["model"])
     base.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if rank < len(state["rng"]):  # resumed on more processes than saved it: the new ranks keep their seeds
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     if len(state["metrics"]) > config.epochs:
         raise ConfigMismatch(f"{path.parent} already ran {len(state['metrics'])} epochs, "
                              f"more than --epochs {config.epochs}")

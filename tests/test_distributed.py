@@ -1,0 +1,89 @@
+"""Data-parallel Backforward with gloo on CPU: 2 processes equal 1 process on the full batch."""
+
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+import torch
+from dist_workers import COMBOS, equality_worker, failing_worker, train_steps
+
+from backforward.train import read_metrics
+
+
+def spawn(target, tmp_path, world=2):
+    context = multiprocessing.get_context("spawn")
+    store, out = tmp_path / "store", tmp_path / "out"
+    procs = [context.Process(target=target, args=(rank, world, str(store), str(out))) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert not p.is_alive(), "a process hung"
+    return out, procs
+
+
+def test_two_ranks_equal_one_rank_on_the_full_batch(tmp_path):
+    out, procs = spawn(equality_worker, tmp_path)
+    assert all(p.exitcode == 0 for p in procs)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for combo in COMBOS:
+        single_params, single_losses = train_steps(*combo)
+        for params, losses in (ranks[0][combo], ranks[1][combo]):
+            for p, q in zip(params, single_params, strict=True):
+                torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+            # Every rank reports the global (averaged) pass losses, as one process would.
+            assert sum(losses, []) == pytest.approx(sum(single_losses, []), rel=1e-5)
+
+
+def test_a_rank_that_dies_makes_the_other_fail_instead_of_hanging(tmp_path):
+    out, procs = spawn(failing_worker, tmp_path)
+    assert procs[1].exitcode == 17
+    seconds, message = out.read_text().splitlines()
+    assert message != "no error"
+    assert float(seconds) < 60
+
+
+def torchrun(*args, nproc=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "backforward", *args], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("method", ["sgd", "backforward"])
+def test_torchrun_train_equals_single_process_and_resumes(tmp_path, method):
+    args = ["train", "--method", method, "--hidden", "32", "--depth", "2", "--lr", "0.1"]
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "backforward", *args, "--epochs", "3", "--out", str(single)], check=True,
+                   capture_output=True)
+    multi = tmp_path / "multi"
+    result = torchrun(*args, "--epochs", "2", "--out", str(multi))
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = torchrun(*args, "--epochs", "3", "--out", str(multi), "--resume")  # one more epoch, resumed
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = read_metrics(single), read_metrics(multi)
+    assert [m["epoch"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+    assert json.loads((multi / "status.json").read_text())["status"] == "done"
+    assert len(list(multi.iterdir())) == 4  # only rank 0 wrote: config, metrics, checkpoint, status
+
+
+def test_torchrun_rejects_a_batch_that_does_not_split(tmp_path):
+    result = torchrun("train", "--batch-size", "127", "--epochs", "1", "--out", str(tmp_path / "r"))
+    assert result.returncode != 0
+    assert "not divisible by 2 processes" in result.stderr
+
+
+def test_bench_distributed_counts_one_all_reduce_per_pass():
+    from backforward.bench import comm_records
+
+    records = {(r.model, r.method): r for r in comm_records([1, 3], width=16, batch=8, steps=2)}
+    for depth in (1, 3):
+        bf, ddp = records[(f"mlp{depth}x16", "backforward")], records[(f"mlp{depth}x16", "ddp")]
+        n = depth + 1
+        assert bf.allreduce_calls_per_step == n
+        assert bf.allreduce_bytes_per_step == bf.parameter_bytes + 4 * n  # gradients once, plus each pass's loss
+        assert ddp.allreduce_bytes_per_step == ddp.parameter_bytes
