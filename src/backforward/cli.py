@@ -15,38 +15,26 @@ from contextlib import nullcontext
 REPORT_DIR = "runs/report"  # reproduce and the studies add their sections to one report
 
 
-def positive(kind: Callable) -> Callable[[str], object]:
+def number(kind: Callable, accept: Callable[[float], bool], rule: str) -> Callable[[str], object]:
+    """An argparse type: ``kind(text)`` that must satisfy ``accept``, else a message stating ``rule``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{rule} {kind.__name__}"
     return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def positive(kind: Callable) -> Callable[[str], object]:
+    return number(kind, lambda v: v > 0, "positive")
 
 
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a float: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+non_negative_int = number(int, lambda v: v >= 0, "0 or more")
 
 
 def add_toy(sub) -> None:
@@ -203,14 +191,19 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_reproduce(sub) -> None:
+def add_experiment_options(p: argparse.ArgumentParser, quick_help: str) -> None:
+    """Options shared by the commands that run many training runs into one report."""
     from .experiments import default_jobs
 
-    p = sub.add_parser("reproduce", help="the paper's experiments, several seeds, figures and a claims report")
-    p.add_argument("--quick", action="store_true", help="fewer seeds and epochs (a few minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", default=REPORT_DIR, help="output directory (REPORT.md, figures, runs/)")
     p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
     p.add_argument("--jobs", type=positive(int), default=default_jobs(), help="runs in parallel (default: cores)")
+
+
+def add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's experiments, several seeds, figures and a claims report")
+    add_experiment_options(p, "fewer seeds and epochs (under 3 minutes on 2 cores)")
     p.set_defaults(run=cmd_reproduce)
 
 
@@ -226,15 +219,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def add_study(sub) -> None:
-    from .experiments import default_jobs
     from .studies import STUDIES
 
     p = sub.add_parser("study", help="the paper's open questions: " + ", ".join(STUDIES) + ", or all")
     p.add_argument("name", choices=[*STUDIES, "all"])
-    p.add_argument("--quick", action="store_true", help="fewer seeds, epochs and settings (minutes each)")
-    p.add_argument("--out", default=REPORT_DIR, help="output directory (REPORT.md, figures, runs/)")
-    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
-    p.add_argument("--jobs", type=positive(int), default=default_jobs(), help="runs in parallel (default: cores)")
+    add_experiment_options(p, "fewer seeds, epochs and settings (minutes each)")
     p.set_defaults(run=cmd_study)
 
 

@@ -97,7 +97,7 @@ class Backforward(torch.optim.Optimizer):
         check_stages(found, params, names)
         self._stages = found
         self._ordered = given  # default stages are ordered by first call, found in the first step
-        self._chain: ChainEngine | None = None
+        self._chain: ChainEngine | bool | None = None  # None: not decided yet; False: not a chain
         held = {id(p) for p in params}
         self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
         self._shared = False
@@ -131,9 +131,10 @@ class Backforward(torch.optim.Optimizer):
     def step_batch(self, inputs: torch.Tensor, targets: torch.Tensor,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One step on a batch, the same as ``step`` with the obvious closure; fast on ``nn.Sequential``."""
-        if self._ordered and self._chain is None and ChainEngine.supports(self.model, self._stages):
-            self._chain = ChainEngine(self.model, self._stages, self._sequence())  # type: ignore[arg-type]
-        if self._chain is not None:
+        if self._ordered and self._chain is None:  # decided once, when the stage order is known
+            chain = ChainEngine.supports(self.model, self._stages)
+            self._chain = ChainEngine(self.model, self._stages, self._sequence()) if chain else False  # type: ignore
+        if self._chain:
             return self._step(self._chain.run_pass(inputs, targets, loss_fn))
 
         def closure() -> torch.Tensor:
@@ -145,7 +146,7 @@ class Backforward(torch.optim.Optimizer):
 
     def cached_activations(self) -> list[torch.Tensor]:
         """Activations the fast engine holds between passes of a step (for memory accounting)."""
-        return self._chain.cached_activations() if self._chain is not None else []
+        return self._chain.cached_activations() if self._chain else []
 
     def _step(self, run_pass: RunPass) -> torch.Tensor:
         stages = self._stages
