@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ class StudyConfig:
 
 
 FULL = StudyConfig()
-QUICK = StudyConfig(seeds=2, epochs=8, lrs=(0.1, 0.01), switch_epoch=2, finetune_epochs=4)
+QUICK = StudyConfig(seeds=2, epochs=8, lrs=(0.1, 0.01), depths=(1, 4), switch_epoch=2, finetune_epochs=4)
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,11 @@ step (Santurkar et al.'s ‖G − G'‖ on the SGD runs' own trajectory).
 Per-layer ICS (SGD runs, mean over steps of the last epoch) against layer index, one line per depth:
 
 ![ICS by layer](depth_ics.png)
+
+What each arm costs:
+
+{_cost_table({f"{m}, depth {d}, lr {lr:g}": _seeds(metrics, f"depth{d}-{m}-lr{lr:g}", cfg)
+              for lr in cfg.lrs for d in cfg.depths for m in ("sgd", "backforward")})}
 """
 
 
@@ -301,6 +306,8 @@ each stage still moves alone but sees the shift of the stages before it.
 **Answer (from the verdicts above):** {answer}
 
 ![order curves](order_curves.png)
+
+{_cost_table({"SGD": arm["sgd"], "forward": arm["forward"], "reverse": arm["reverse"]})}
 """
 
 
@@ -376,8 +383,6 @@ def run_study(name: str, out: Path, quick: bool = False, jobs: int = 1, data_dir
               cfg: StudyConfig | None = None) -> Path:
     study = STUDIES[name]
     cfg = cfg or (QUICK if quick else FULL)
-    if name == "depth" and quick:
-        cfg = replace(cfg, depths=(1, 4))
     out.mkdir(parents=True, exist_ok=True)
     metrics = run_all(study.plan(cfg, out), out, jobs, data_dir, desc=f"study {name}")
     return write_section(out, name, study.analyse(cfg, metrics, out))
