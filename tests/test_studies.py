@@ -50,3 +50,8 @@ def test_equal_budget_by_hand():
     # budget = min(20, 30) = 20: SGD finished both epochs (0.5), Backforward only its first (0.8).
     assert equal_budget(sgd, bf, "flops") == ([0.5], [0.8])
     assert at_budget(bf[0], 14, "flops") != at_budget(bf[0], 14, "flops")  # nothing within budget: NaN
+
+
+def test_depth_section_says_which_depths_did_not_train(report_dir):
+    text = (report_dir / "sections" / "depth.md").read_text()
+    assert ("Neither method trained" in text) != ("Every depth trained" in text)

@@ -115,9 +115,17 @@ def analyse_depth(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) -
                                   area(_seeds(metrics, f"depth{depth}-sgd-lr{lr:g}", cfg), "train_loss"),
                                   area(_seeds(metrics, f"depth{depth}-backforward-lr{lr:g}", cfg), "train_loss"),
                                   higher_is_better=False))
-        lo, hi = min(cfg.depths), max(cfg.depths)
-        claims.append(compare(f"lr {lr:g}: the advantage grows from depth {lo} (A) to depth {hi} (B)",
-                              "SGD − Backforward mean training loss", advantage(lo), advantage(hi)))
+        lo = min(cfg.depths)
+        for depth in [d for d in cfg.depths if d != lo]:
+            claims.append(compare(f"lr {lr:g}: the advantage grows from depth {lo} (A) to depth {depth} (B)",
+                                  "SGD − Backforward mean training loss", advantage(lo), advantage(depth)))
+    chance = math.log(10)  # the loss of a uniform guess over 10 classes
+    untrained = [f"depth {d}, lr {lr:g}" for lr in cfg.lrs for d in cfg.depths
+                 if all(np.mean(final(_seeds(metrics, f"depth{d}-{m}-lr{lr:g}", cfg), "train_loss")) > 0.99 * chance
+                        for m in ("sgd", "backforward"))]
+    stuck = (f"**Neither method trained** (final training loss above 99% of ln 10, a uniform guess) at: "
+             f"{'; '.join(untrained)}. Comparisons there say nothing about ICS." if untrained
+             else "Every depth trained with both methods.")
     panels = [(f"lr {lr:g}", {f"{m} d{d}": _seeds(metrics, f"depth{d}-{m}-lr{lr:g}", cfg)
                               for d in (min(cfg.depths), max(cfg.depths)) for m in ("sgd", "backforward")})
               for lr in cfg.lrs]
@@ -127,9 +135,12 @@ def analyse_depth(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) -
 
 MLPs with {', '.join(map(str, cfg.depths))} hidden layers of width {cfg.hidden}, SGD vs Backforward at lr
 {', '.join(f'{lr:g}' for lr in cfg.lrs)}, {cfg.epochs} epochs, {cfg.seeds} seeds. ICS is measured on every
-step (Santurkar et al.'s ‖G − G'‖ on the SGD runs' own trajectory).
+step (Santurkar et al.'s ‖G − G'‖ on the SGD runs' own trajectory). The models use PyTorch's
+default initialisation, as the paper's code does.
 
 {claims_table(claims)}
+
+{stuck}
 
 ![depth curves](depth_curves.png)
 
