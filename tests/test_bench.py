@@ -68,3 +68,9 @@ def test_bench_command_json(tmp_path, capsys):
                                                  "ratio_to_sgd", "saved_bytes")}
     assert [r["method"] for r in rows] == list(METHODS)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_profile_prints_where_a_step_goes(capsys):
+    assert main(["bench", "--profile", "--depths", "1", "--width", "8", "--batch-size", "4", "--no-cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp1x8: plain SGD step" in out and "aten::" in out

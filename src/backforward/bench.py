@@ -331,3 +331,23 @@ def format_comm(records: Sequence[CommRecord]) -> str:
     lines.append("Backforward: one all-reduce per pass (n per step) of that stage's gradients plus its 4-byte loss;"
                  " DDP: one per gradient bucket.")
     return "\n".join(lines)
+
+
+def profile_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 10, rows: int = 8) -> str:
+    """torch.profiler's table of where a plain SGD step spends CPU time: what the cost model leaves out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)

@@ -75,6 +75,8 @@ def add_bench(sub) -> None:
     p.add_argument("--no-cnn", action="store_true", help="leave out the small CNN")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     p.add_argument("--plot", default="bench.png", help="where to write the step-time-vs-depth figure")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where a plain SGD step of each model spends CPU time (torch.profiler)")
     p.add_argument("--distributed", action="store_true",
                    help="instead: all-reduce calls and bytes per step, Backforward vs DDP, on 2 gloo processes")
     p.set_defaults(run=cmd_bench)
@@ -97,6 +99,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(r) for r in comm], indent=1) if args.json else format_comm(comm))
         return 0
     suite = list(default_suite(args.depths, args.width, args.batch_size, not args.no_cnn))
+    if args.profile:
+        from .bench import profile_sgd_step
+
+        for name, _, model, x, y in suite:
+            print(f"{name}: plain SGD step, {args.threads} thread(s)\n{profile_sgd_step(model, x, y)}")
+        return 0
     records = []
     with tqdm(total=len(suite) * (args.steps + args.warmup), desc="bench", unit="round",
               disable=not sys.stderr.isatty()) as bar:
