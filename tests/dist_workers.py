@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from backforward import Backforward
+from backforward.distributed import exit_without_shutdown
 
 F = nn.functional
 COMBOS = [(engine, base) for engine in ("step", "step_batch") for base in ("sgd", "adam")]
@@ -55,6 +56,7 @@ def equality_worker(rank, world, store, out):
     results = {combo: train_steps(*combo, rank=rank, world=world) for combo in COMBOS}
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
+    exit_without_shutdown(0)
 
 
 def failing_worker(rank, world, store, out):

@@ -302,7 +302,12 @@ def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width:
             dist.all_reduce = plain_all_reduce
     if rank == 0:
         queue.put([asdict(r) for r in records])
+        queue.close()
+        queue.join_thread()  # the records must reach the parent before the process leaves
     dist.destroy_process_group()
+    from .distributed import exit_without_shutdown
+
+    exit_without_shutdown(0)
 
 
 def comm_records(depths: Sequence[int], width: int, batch: int, steps: int = 3, world: int = 2) -> list[CommRecord]:

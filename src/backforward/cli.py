@@ -144,8 +144,8 @@ def add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .distributed import launched_by_torchrun, process_group
-    from .train import EXIT_DIVERGED, ConfigMismatch, Diverged, TrainConfig, train
+    from .distributed import exit_without_shutdown, launched_by_torchrun
+    from .train import TrainConfig
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     try:
@@ -153,6 +153,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(str(e))
     distributed = launched_by_torchrun()
+    code = _train(config, args, distributed)
+    if distributed:
+        exit_without_shutdown(code)
+    return code
+
+
+def _train(config, args: argparse.Namespace, distributed: bool) -> int:
+    from .distributed import process_group
+    from .train import EXIT_DIVERGED, ConfigMismatch, Diverged, train
+
     try:
         with process_group(config.device) if distributed else nullcontext():
             train(config, args.out, resume=args.resume)
