@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,10 +209,3 @@ def final(runs: Sequence[Sequence[dict]], key: str) -> list[float]:
 def area(runs: Sequence[Sequence[dict]], key: str) -> list[float]:
     """Mean of ``key`` over a run's epochs: lower for a loss that falls sooner."""
     return [float(np.mean([m[key] for m in r])) if r else math.nan for r in runs]
-
-
-def pick(metrics: dict[str, list[dict]], names: Sequence[str]) -> list[list[dict]]:
-    return [metrics[n] for n in names]
-
-
-Analysis = Callable[[dict[str, list[dict]], Path], str]

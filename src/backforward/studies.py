@@ -55,7 +55,6 @@ QUICK = StudyConfig(seeds=2, epochs=8, lrs=(0.1, 0.01), depths=(1, 4), switch_ep
 @dataclass(frozen=True)
 class Study:
     name: str
-    title: str
     plan: Callable[[StudyConfig, Path], list[Run]]
     analyse: Callable[[StudyConfig, dict[str, list[dict]], Path], str]
 
@@ -387,11 +386,11 @@ tables list FLOPs and seconds per run beside their results.
 
 
 STUDIES = {s.name: s for s in (
-    Study("depth", "depth", plan_depth, analyse_depth),
-    Study("batchnorm", "BatchNorm", plan_batchnorm, analyse_batchnorm),
-    Study("warmup", "warm-up and fine-tuning", plan_warmup, analyse_warmup),
-    Study("order", "update order", plan_order, analyse_order),
-    Study("cost", "cost", plan_cost, analyse_cost),
+    Study("depth", plan_depth, analyse_depth),
+    Study("batchnorm", plan_batchnorm, analyse_batchnorm),
+    Study("warmup", plan_warmup, analyse_warmup),
+    Study("order", plan_order, analyse_order),
+    Study("cost", plan_cost, analyse_cost),
 )}
 
 
