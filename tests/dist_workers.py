@@ -76,3 +76,25 @@ def failing_worker(rank, world, store, out):
         message = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     with open(out, "w") as f:
         f.write(f"{time.time() - start:.1f}\n{message}\n")
+
+
+def replica_worker(rank, world, store, out):
+    """The replica check passes on equal parameters and raises on every rank once one differs."""
+    from backforward.distributed import check_replicas
+
+    init(rank, world, store)
+    model, _, _ = problem()
+    params = list(model.parameters())
+    check_replicas(params)
+    if rank == 1:
+        with torch.no_grad():
+            params[0][0, 0] += 1e-3
+    try:
+        check_replicas(params)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+    exit_without_shutdown(0)

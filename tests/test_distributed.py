@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from dist_workers import COMBOS, equality_worker, failing_worker, train_steps
+from dist_workers import COMBOS, equality_worker, failing_worker, replica_worker, train_steps
 
 from backforward.train import read_metrics
 
@@ -44,6 +44,13 @@ def test_a_rank_that_dies_makes_the_other_fail_instead_of_hanging(tmp_path):
     seconds, message = out.read_text().splitlines()
     assert message != "no error"
     assert float(seconds) < 60
+
+
+def test_replica_check_raises_on_every_rank_when_parameters_differ(tmp_path):
+    out, procs = spawn(replica_worker, tmp_path)
+    assert all(p.exitcode == 0 for p in procs)
+    for rank in range(2):
+        assert "parameters differ across processes" in (tmp_path / f"out.{rank}").read_text()
 
 
 def torchrun(*args, nproc=2):

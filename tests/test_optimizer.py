@@ -347,3 +347,15 @@ def test_error_non_finite_loss_names_pass_and_stage():
 
     with pytest.raises(FloatingPointError, match=r"non-finite loss inf in pass 2 \(stage 2, '2'\)"):
         bf.step(closure)
+
+
+def test_parameters_the_optimizer_does_not_hold_get_no_gradient():
+    model, _, x, y = make("mlp3")
+    held = [*model[0].parameters(), *model[4].parameters()]  # model[2] trains only if the optimizer holds it
+    before = [p.detach().clone() for p in model[2].parameters()]
+    bf = Backforward(model, torch.optim.SGD(held, lr=0.3))
+    bf.step_batch(x, y, F.cross_entropy)
+    bf.step(lambda: _backward(F.cross_entropy(model(x), y)))
+    assert bf.stage_names == ["0", "4"]
+    assert all(p.grad is None and p.requires_grad for p in model[2].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model[2].parameters(), strict=True))

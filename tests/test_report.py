@@ -61,3 +61,13 @@ def test_reproduce_writes_report_figures_and_computed_verdicts(tmp_path):
     assert len(rows) == 11
     assert all(any(f"**{v}**" in row for v in (HOLDS, FAILS, UNSURE)) for row in rows)
     assert len(list((tmp_path / "runs").iterdir())) == 2 * 4 * 2
+
+
+def test_runs_that_start_from_another_run_wait_for_it(tmp_path):
+    from backforward.experiments import _waves
+
+    pre = Run("pre", TrainConfig())
+    tuned = Run("tuned", TrainConfig(init_from=str(tmp_path / "runs" / "pre")))
+    other = Run("other", TrainConfig(seed=1))
+    assert _waves([tuned, pre, other]) == [[pre, other], [tuned]]
+    assert _waves([tuned]) == [[tuned]]  # its source already finished

@@ -49,18 +49,19 @@ class StepResult:
     losses: list[torch.Tensor]                  # detached pass losses, in pass order
     sequence: list[int]                         # stage updated in each pass
     used_grads: list[list[torch.Tensor | None]]  # G'_k: the gradient stage k was updated with
-    start_grads: list[list[torch.Tensor | None]] | None  # G_k at θ_t (only with a full first pass)
+    start_grads: list[list[torch.Tensor | None]] | None  # G_k at θ_t (with keep_start_grads)
 
 
 def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPass,
                      apply_update: Callable[[int], None], *,
                      sequence: Sequence[int] | Callable[[], Sequence[int]],
-                     full_first_pass: bool, others: Sequence[nn.Parameter] = (),
+                     full_first_pass: bool, keep_start_grads: bool = False, others: Sequence[nn.Parameter] = (),
                      reduce_grads: Callable[[list[torch.Tensor]], None] | None = None) -> StepResult:
     """One Backforward step: pass j computes stage ``sequence[j]``'s gradient, then only it moves.
 
     ``sequence`` may be a callable evaluated after the first pass (the stage order is
     found during it); that needs ``full_first_pass``, in which every stage requires grad.
+    ``keep_start_grads`` keeps (and averages) every stage's gradient of that pass: G_k at θ_t.
     ``others`` are trainable parameters outside every stage: they get no gradient.
     ``reduce_grads`` averages a list of tensors across processes in place (each pass's
     gradients and its loss, in one call).
@@ -103,10 +104,11 @@ def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPas
             _check_pass(loss, stages, j, k)
             value = loss.detach().reshape(1).clone()
             if full:
-                start_grads = [[None if p.grad is None else p.grad.detach().clone() for p in s.params]
-                               for s in stages]
-                if reduce_grads is not None:
-                    reduce_grads([g for gs in start_grads for g in gs if g is not None])
+                if keep_start_grads:
+                    start_grads = [[None if p.grad is None else p.grad.detach().clone() for p in s.params]
+                                   for s in stages]
+                    if reduce_grads is not None:
+                        reduce_grads([g for gs in start_grads for g in gs if g is not None])
                 for i, s in enumerate(stages):
                     if i != k:
                         for p in s.params:

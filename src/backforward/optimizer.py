@@ -166,7 +166,8 @@ class Backforward(torch.optim.Optimizer):
 
     def _run(self, run_pass: RunPass, sequence, full_first_pass: bool) -> StepResult:
         return backforward_step(self.model, self._stages, run_pass, lambda _k: self.base_optimizer.step(),
-                                sequence=sequence, full_first_pass=full_first_pass, others=self._others,
+                                sequence=sequence, full_first_pass=full_first_pass,
+                                keep_start_grads=self.track_ics, others=self._others,
                                 reduce_grads=self._reducer())
 
     def _reducer(self) -> Callable[[list[torch.Tensor]], None] | None:
