@@ -187,7 +187,7 @@ class ChainEngine:
         """The child inputs held between passes (for memory accounting)."""
         return [t for t, _, _ in self._cache.values()]
 
-    def run_pass(self, inputs: torch.Tensor, targets: torch.Tensor,
+    def make_pass(self, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RunPass:
         self._cache.clear()
 

@@ -135,7 +135,7 @@ class Backforward(torch.optim.Optimizer):
             chain = ChainEngine.supports(self.model, self._stages)
             self._chain = ChainEngine(self.model, self._stages, self._sequence()) if chain else False  # type: ignore
         if self._chain:
-            return self._step(self._chain.run_pass(inputs, targets, loss_fn))
+            return self._step(self._chain.make_pass(inputs, targets, loss_fn))
 
         def closure() -> torch.Tensor:
             loss = loss_fn(self.model(inputs), targets)
