@@ -188,7 +188,8 @@ class ChainEngine:
         return [t for t, _, _ in self._cache.values()]
 
     def make_pass(self, inputs: torch.Tensor, targets: torch.Tensor,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RunPass:
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RunPass:
+        """The pass function for one step on this batch (the cache starts empty each step)."""
         self._cache.clear()
 
         def run(j: int, _k: int) -> torch.Tensor:
