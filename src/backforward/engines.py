@@ -42,6 +42,13 @@ def rng_restore(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def restore_buffers(buffers: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copy saved values back into buffers (running statistics) in place."""
+    with torch.no_grad():
+        for b, value in zip(buffers, saved, strict=True):
+            b.copy_(value)
+
+
 @dataclass
 class StepResult:
     """What a step leaves behind; stage lists are indexed by stage, not by pass."""
@@ -97,9 +104,7 @@ def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPas
                 rng_after = rng_snapshot()
                 buffers_after = [b.detach().clone() for b in buffers]
             else:
-                with torch.no_grad():  # running statistics advance only with the first pass
-                    for b, saved in zip(buffers, buffers_after, strict=True):
-                        b.copy_(saved)
+                restore_buffers(buffers, buffers_after)  # running statistics advance only with the first pass
             k = order[j]
             _check_pass(loss, stages, j, k)
             value = loss.detach().reshape(1).clone()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .engines import backforward_step, closure_pass, rng_restore, rng_snapshot
+from .engines import backforward_step, closure_pass, restore_buffers, rng_restore, rng_snapshot
 from .stages import (
     call_ranking,
     check_stages,
@@ -91,7 +91,7 @@ def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float
         plain = {id(p): (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()) for p in params}
         if stages is None:
             found = [found[i] for i in call_ranking(found, called)]
-        _restore(buffers, saved_buffers)
+        restore_buffers(buffers, saved_buffers)
         rng_restore(rng)
 
         def plain_sgd_update(k: int) -> None:
@@ -110,11 +110,5 @@ def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float
             for p, data, grad in zip(params, saved_data, saved_grads, strict=True):
                 p.copy_(data)
                 p.grad = grad
-        _restore(buffers, saved_buffers)
+        restore_buffers(buffers, saved_buffers)
         rng_restore(rng)
-
-
-def _restore(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for b, s in zip(buffers, saved, strict=True):
-            b.copy_(s)

@@ -24,6 +24,7 @@ from torch import nn
 from . import distributed
 from .cost import predicted_units, stage_flops
 from .data import Split, load
+from .engines import rng_restore, rng_snapshot
 from .files import atomic_torch_save, atomic_write_text
 from .ics import measure_ics
 from .models import mlp, weight_norms
@@ -218,7 +219,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         if ics:
             record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1])} for name, v in ics.items()}
         metrics.append(record)
-        rng_states = distributed.gather_objects(_rng_state())  # every rank's, so each resumes its own stream
+        rng_states = distributed.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
         if writer:
             _save(out, config, model, base, metrics, rng_states)
         if progress and writer and not sys.stderr.isatty():
@@ -274,13 +275,8 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False)
 
 
-def _rng_state() -> dict:
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}
-
-
 def _save(out: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer, metrics: list[dict],
-          rng_states: list[dict]) -> None:
+          rng_states: list[tuple]) -> None:
     """Checkpoint first, then the metrics it holds: a crash between the two loses nothing on resume."""
     atomic_torch_save({"config": asdict(config), "model": model.state_dict(), "optimizer": base.state_dict(),
                        "rng": rng_states, "metrics": metrics}, out / "checkpoint.pt")
@@ -300,10 +296,8 @@ def _restore(path: Path, config: TrainConfig, model: nn.Module, base: torch.opti
     model.load_state_dict(state["model"])
     base.load_state_dict(state["optimizer"])
     if rank < len(state["rng"]):  # resumed on more processes than saved it: the new ranks keep their seeds
-        rng = state["rng"][rank]
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        cpu, cuda = state["rng"][rank]
+        rng_restore((cpu, cuda if torch.cuda.is_available() else None))
     if len(state["metrics"]) > config.epochs:
         raise ConfigMismatch(f"{path.parent} already ran {len(state['metrics'])} epochs, "
                              f"more than --epochs {config.epochs}")
