@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from backforward import Backforward
-from backforward.distributed import exit_without_shutdown
+from backforward.experiments.launch import exit_without_shutdown
 
 F = nn.functional
 COMBOS = [(engine, base) for engine in ("step", "step_batch") for base in ("sgd", "adam")]

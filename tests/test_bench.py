@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from backforward.bench import METHODS, SavedBytes, bench_model
-from backforward.cli import main
-from backforward.cost import predicted_units, stage_flops
+from backforward.experiments.bench import METHODS, SavedBytes, bench_model
+from backforward.experiments.cli import main
+from backforward.experiments.cost import predicted_units, stage_flops
 
 
 @pytest.mark.parametrize("n", [2, 9])

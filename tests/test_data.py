@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from backforward.cli import main
-from backforward.data import DataError, download, load_embedded, load_idx_dir, normalize
+from backforward.experiments.cli import main
+from backforward.experiments.data import DataError, download, load_embedded, load_idx_dir, normalize
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -10,7 +10,9 @@ import pytest
 import torch
 from dist_workers import COMBOS, equality_worker, failing_worker, replica_worker, train_steps
 
-from backforward.train import read_metrics
+from backforward.experiments.train import read_metrics
+
+CLI = [sys.executable, "-m", "backforward.experiments"]
 
 
 def spawn(target, tmp_path, world=2):
@@ -55,7 +57,7 @@ def test_replica_check_raises_on_every_rank_when_parameters_differ(tmp_path):
 
 def torchrun(*args, nproc=2):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "backforward", *args], capture_output=True, text=True, timeout=300,
+                           "-m", "backforward.experiments", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -63,7 +65,7 @@ def torchrun(*args, nproc=2):
 def test_torchrun_train_equals_single_process_and_resumes(tmp_path, method):
     args = ["train", "--method", method, "--hidden", "32", "--depth", "2", "--lr", "0.1"]
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "backforward", *args, "--epochs", "3", "--out", str(single)], check=True,
+    subprocess.run([*CLI, *args, "--epochs", "3", "--out", str(single)], check=True,
                    capture_output=True)
     multi = tmp_path / "multi"
     result = torchrun(*args, "--epochs", "2", "--out", str(multi))
@@ -86,7 +88,7 @@ def test_torchrun_rejects_a_batch_that_does_not_split(tmp_path):
 
 
 def test_bench_distributed_counts_one_all_reduce_per_pass():
-    from backforward.bench import comm_records
+    from backforward.experiments.bench import comm_records
 
     records = {(r.model, r.method): r for r in comm_records([1, 3], width=16, batch=8, steps=2)}
     for depth in (1, 3):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from backforward import Backforward, measure_ics
-from backforward.train import TrainConfig, train
+from backforward.experiments.train import TrainConfig, train
 
 F = nn.functional
 

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from backforward.experiments import Run, run_all
-from backforward.report import FAILS, HOLDS, UNSURE, better, compare, mean_ci, similar, toy_verdict
-from backforward.reproduce import ReproduceConfig, reproduce
-from backforward.train import TrainConfig
+from backforward.experiments.report import FAILS, HOLDS, UNSURE, better, compare, mean_ci, similar, toy_verdict
+from backforward.experiments.reproduce import ReproduceConfig, reproduce
+from backforward.experiments.sweep import Run, run_all
+from backforward.experiments.train import TrainConfig
 
 
 def test_mean_ci_by_hand():
@@ -64,7 +64,7 @@ def test_reproduce_writes_report_figures_and_computed_verdicts(tmp_path):
 
 
 def test_runs_that_start_from_another_run_wait_for_it(tmp_path):
-    from backforward.experiments import _waves
+    from backforward.experiments.sweep import _waves
 
     pre = Run("pre", TrainConfig())
     tuned = Run("tuned", TrainConfig(init_from=str(tmp_path / "runs" / "pre")))

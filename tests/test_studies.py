@@ -2,8 +2,8 @@
 
 import pytest
 
-from backforward.report import FAILS, HOLDS, UNSURE
-from backforward.studies import STUDIES, StudyConfig, at_budget, equal_budget, run_study
+from backforward.experiments.report import FAILS, HOLDS, UNSURE
+from backforward.experiments.studies import STUDIES, StudyConfig, at_budget, equal_budget, run_study
 
 TINY = StudyConfig(seeds=2, epochs=2, lrs=(0.1,), depths=(1, 2), hidden=8, switch_epoch=1, finetune_epochs=1)
 

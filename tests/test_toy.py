@@ -3,10 +3,10 @@
 import torch
 from torch import nn
 
-from backforward.cli import main
-from backforward.data import load_embedded
-from backforward.models import mlp
-from backforward.toy import ToyConfig, summarize_toy, toy_trial
+from backforward.experiments.cli import main
+from backforward.experiments.data import load_embedded
+from backforward.experiments.models import mlp
+from backforward.experiments.toy import ToyConfig, summarize_toy, toy_trial
 
 
 def test_toy_trial_sgd_arm_is_one_plain_sgd_step():

@@ -9,10 +9,12 @@ import time
 
 import pytest
 
-from backforward.cli import main
-from backforward.train import TrainConfig, read_metrics, read_status, train
+from backforward.experiments.cli import main
+from backforward.experiments.train import TrainConfig, read_metrics, read_status, train
 
 TIMINGS = ("seconds", "train_seconds")
+
+CLI = [sys.executable, "-m", "backforward.experiments"]
 
 
 def without_timings(metrics):
@@ -35,10 +37,10 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     args = ["--method", "sgd", "--epochs", "6", "--hidden", "64", "--track-ics", "--seed", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     whole = tmp_path / "whole"
-    subprocess.run([sys.executable, "-m", "backforward", "train", *args, "--out", str(whole)], env=env, check=True,
+    subprocess.run([*CLI, "train", *args, "--out", str(whole)], env=env, check=True,
                    capture_output=True)
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "backforward", "train", *args, "--out", str(crashed)], env=env,
+    proc = subprocess.Popen([*CLI, "train", *args, "--out", str(crashed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(read_metrics(crashed)) < 2 and time.time() < deadline and proc.poll() is None:
@@ -47,7 +49,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     proc.wait()
     done_before = len(read_metrics(crashed))
     assert 2 <= done_before < 6, "the run should have been killed part way"
-    result = subprocess.run([sys.executable, "-m", "backforward", "train", *args, "--out", str(crashed), "--resume"],
+    result = subprocess.run([*CLI, "train", *args, "--out", str(crashed), "--resume"],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert without_timings(read_metrics(crashed)) == without_timings(read_metrics(whole))

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,43 +31,6 @@ def grad_averager(group: Any = None) -> Callable[[list[torch.Tensor]], None] | N
     return average
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0 and 1 when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of ``values`` over all processes (itself when not distributed)."""
-    if rank_and_world()[1] == 1:
-        return values
-    summed = values.clone()
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-    return summed
-
-
-def launched_by_torchrun() -> bool:
-    """True in a process that torchrun started (it sets these for every rank)."""
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
-@contextmanager
-def process_group(device: str = "cpu", timeout_s: float = 300.0) -> Iterator[None]:
-    """Initialise the default process group from torchrun's environment: gloo on CPU, NCCL on CUDA.
-
-    The timeout makes a rank that waits on a failed peer give up with an error instead of hanging.
-    """
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def debug_mode() -> bool:
     """TORCH_DISTRIBUTED_DEBUG is INFO or DETAIL."""
     return dist.is_available() and dist.is_initialized() and dist.get_debug_level() != dist.DebugLevel.OFF
@@ -90,27 +49,3 @@ def check_replicas(params: list[torch.Tensor], group: Any = None) -> None:
         raise RuntimeError(f"parameters differ across processes after the step (rank {dist.get_rank()}: "
                            f"checksums {local.tolist()}, range over ranks {(-extremes[2:]).tolist()} .. "
                            f"{extremes[:2].tolist()})")
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """``obj`` from every process, in rank order (``[obj]`` when not distributed)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def exit_without_shutdown(code: int) -> None:
-    """Flush and end a process that used gloo, skipping the interpreter's shutdown.
-
-    Gloo's worker threads can release their last tensors a moment after the collectives
-    return; if that happens while the interpreter is shutting down, taking the GIL aborts
-    the process (SIGABRT, "terminate called without an active exception"), turning a
-    finished run into a failed one. Every file this project writes is already complete
-    and synced by then, so leaving with ``os._exit`` loses nothing.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

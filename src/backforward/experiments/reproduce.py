@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .data import load
-from .experiments import Run, run_all
 from .files import atomic_write_text
 from .report import (
     Claim,
@@ -31,6 +30,7 @@ from .report import (
     toy_verdict,
     write_section,
 )
+from .sweep import Run, run_all
 from .toy import ToyConfig, format_toy, run_toy, summarize_toy
 from .train import TrainConfig
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments import Run, run_all
 from .report import (
     HOLDS,
     area,
@@ -33,6 +32,7 @@ from .report import (
     save_figure,
     write_section,
 )
+from .sweep import Run, run_all
 from .train import TrainConfig
 
 

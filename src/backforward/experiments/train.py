@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
+from .. import distributed
+from ..engines import rng_restore, rng_snapshot
+from ..ics import measure_ics
+from ..optimizer import ORDERS, Backforward
+from . import launch
 from .cost import predicted_units, stage_flops
 from .data import Split, load
-from .engines import rng_restore, rng_snapshot
 from .files import atomic_torch_save, atomic_write_text
-from .ics import measure_ics
 from .models import mlp, weight_norms
-from .optimizer import ORDERS, Backforward
 
 METHODS = ("sgd", "backforward")
 SCHEDULES = ("constant", "cosine")
@@ -129,7 +130,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     """
     config.validate()
     out = Path(out)
-    rank, world = distributed.rank_and_world()
+    rank, world = launch.rank_and_world()
     writer = rank == 0
     if config.batch_size % world:
         raise ValueError(f"batch-size {config.batch_size} is not divisible by {world} processes")
@@ -209,7 +210,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
             bar.close()
         seconds = time.perf_counter() - started - metering
         cumulative_seconds += seconds
-        sums = distributed.sum_over_ranks(sums)
+        sums = launch.sum_over_ranks(sums)
         val_loss, val_acc = evaluate(model, x_val, y_val)
         norms = weight_norms(model)
         record = {"epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
@@ -219,7 +220,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         if ics:
             record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1])} for name, v in ics.items()}
         metrics.append(record)
-        rng_states = distributed.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
+        rng_states = launch.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
         if writer:
             _save(out, config, model, base, metrics, rng_states)
         if progress and writer and not sys.stderr.isatty():

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..optimizer import Backforward
+from ..reference import reference_step
 from .cost import predicted_units, stage_flops
 from .models import mlp, small_cnn
-from .optimizer import Backforward
-from .reference import reference_step
 
 METHODS = ("sgd", "paper", "generic", "fast")
 TARGETS = {"fast_vs_predicted": 1.15, "generic_vs_predicted": 1.2, "fast_speedup_over_paper": 2.0}
@@ -305,7 +305,7 @@ def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width:
         queue.close()
         queue.join_thread()  # the records must reach the parent before the process leaves
     dist.destroy_process_group()
-    from .distributed import exit_without_shutdown
+    from .launch import exit_without_shutdown
 
     exit_without_shutdown(0)
 

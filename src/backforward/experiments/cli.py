@@ -144,7 +144,7 @@ def add_train(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .distributed import exit_without_shutdown, launched_by_torchrun
+    from .launch import exit_without_shutdown, launched_by_torchrun
     from .train import TrainConfig
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
@@ -160,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(config, args: argparse.Namespace, distributed: bool) -> int:
-    from .distributed import process_group
+    from .launch import process_group
     from .train import EXIT_DIVERGED, ConfigMismatch, Diverged, train
 
     try:
@@ -211,7 +211,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def add_experiment_options(p: argparse.ArgumentParser, quick_help: str) -> None:
     """Options shared by the commands that run many training runs into one report."""
-    from .experiments import default_jobs
+    from .sweep import default_jobs
 
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", default=REPORT_DIR, help="output directory (REPORT.md, figures, runs/)")
@@ -275,7 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRA = ("numpy", "scipy", "matplotlib", "tqdm", "mlxtend")  # backforward[experiments]
+
+
+def missing_extra() -> list[str]:
+    """The experiment harness's packages that are not installed."""
+    import importlib.util
+
+    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_extra()
+    if missing:
+        return fail(f"the command line needs the experiments extra: pip install 'backforward[experiments]' "
+                    f"(missing: {', '.join(missing)})")
     from .data import DataError
 
     args = build_parser().parse_args(argv)

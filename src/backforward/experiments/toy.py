@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..optimizer import Backforward
 from .data import Split
 from .models import mlp
-from .optimizer import Backforward
 
 METHODS = ("sgd", "backforward")
 
