@@ -64,6 +64,7 @@ def test_backforward_track_ics_matches_direct_computation():
         shift, cosine = expected_shift(G[k], g_prime)
         assert report.grad_shift[k] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
         assert report.grad_cosine[k] == pytest.approx(cosine, rel=1e-5)
+    assert report.grad_norm == pytest.approx([float(g.norm()) for g in G], rel=1e-5)
     assert report.losses == bf.last_losses
 
 

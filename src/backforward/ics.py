@@ -28,19 +28,21 @@ from .stages import (
 
 @dataclass
 class ICSReport:
-    """Per stage, in stage order: name, pass loss, ‖G − G'‖₂ and cos∠(G, G')."""
+    """Per stage, in stage order: name, pass loss, ‖G − G'‖₂, cos∠(G, G') and ‖G‖₂ (to normalise the shift)."""
 
     stage_names: list[str]
     losses: list[float]
     grad_shift: list[float]
     grad_cosine: list[float]
+    grad_norm: list[float]
 
     def as_dict(self) -> dict[str, list]:
         return asdict(self)
 
 
-def shift_and_cosine(g: Sequence[torch.Tensor | None], g_prime: Sequence[torch.Tensor | None]) -> tuple[float, float]:
-    """‖G − G'‖₂ and cos∠(G, G') over one stage's parameters (a missing gradient counts as zero).
+def shift_and_cosine(g: Sequence[torch.Tensor | None],
+                     g_prime: Sequence[torch.Tensor | None]) -> tuple[float, float, float]:
+    """‖G − G'‖₂, cos∠(G, G') and ‖G‖₂ over one stage's parameters (a missing gradient counts as zero).
 
     The cosine is NaN when either gradient is zero: the angle is undefined there.
     """
@@ -49,7 +51,7 @@ def shift_and_cosine(g: Sequence[torch.Tensor | None], g_prime: Sequence[torch.T
     shift = float(torch.linalg.vector_norm(a - b))
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
     cosine = float(torch.dot(a, b)) / (na * nb) if na > 0 and nb > 0 else math.nan
-    return shift, cosine
+    return shift, cosine, na
 
 
 def _flat(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -104,7 +106,7 @@ def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float
         shifts = [shift_and_cosine([plain[id(p)] for p in s.params], used)
                   for s, used in zip(found, result.used_grads, strict=True)]
         return ICSReport([s.name for s in found], [float(v) for v in result.losses],
-                         [s for s, _ in shifts], [c for _, c in shifts])
+                         [s[0] for s in shifts], [s[1] for s in shifts], [s[2] for s in shifts])
     finally:
         with torch.no_grad():
             for p, data, grad in zip(params, saved_data, saved_grads, strict=True):

@@ -184,7 +184,7 @@ class Backforward(torch.optim.Optimizer):
         forward = self._sequence(result.sequence)
         measured = [shift_and_cosine(result.start_grads[i], result.used_grads[i]) for i in forward]
         return ICSReport([stages[i].name for i in forward], list(self.last_losses),
-                         [s for s, _ in measured], [c for _, c in measured])
+                         [m[0] for m in measured], [m[1] for m in measured], [m[2] for m in measured])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._shared:
