@@ -95,5 +95,6 @@ def test_bench_distributed_counts_one_all_reduce_per_pass():
         bf, ddp = records[(f"mlp{depth}x16", "backforward")], records[(f"mlp{depth}x16", "ddp")]
         n = depth + 1
         assert bf.allreduce_calls_per_step == n
-        assert bf.allreduce_bytes_per_step == bf.parameter_bytes + 4 * n  # gradients once, plus each pass's loss
+        # Gradients once, plus each pass's loss and one flag per parameter tensor (did this process use it?).
+        assert bf.allreduce_bytes_per_step == bf.parameter_bytes + 4 * n + 4 * 2 * n
         assert ddp.allreduce_bytes_per_step == ddp.parameter_bytes

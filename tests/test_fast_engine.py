@@ -6,7 +6,7 @@ from conftest import BASES, assert_same_params, clone, linear_stages
 from torch import nn
 
 from backforward import Backforward, reference_step
-from backforward.engines import ChainEngine, _plan
+from backforward.chain import ChainEngine, plan
 
 F = nn.functional
 
@@ -22,11 +22,11 @@ def test_plan_by_hand():
     # Stages at children 0, 2, 4 (Linear, ReLU, Linear, ReLU, Linear), forward order:
     # pass 1 from the input; pass 2 from child 0 (stage 1 moved); pass 3 from child 2 (stage 2 moved),
     # whose input pass 2 stores and pass 3 drops after reading.
-    assert _plan([0, 2, 4]) == ([0, 0, 2], [set(), {2}, set()], [False, False, True])
+    assert plan([0, 2, 4]) == ([0, 0, 2], [set(), {2}, set()], [False, False, True])
     # Reverse: stage 3 then 2 then 1. Pass 2 must reach stage 2 at child 2; pass 3 stage 1 at child 0.
-    assert _plan([4, 2, 0]) == ([0, 2, 0], [{2}, set(), set()], [False, True, False])
+    assert plan([4, 2, 0]) == ([0, 2, 0], [{2}, set(), set()], [False, True, False])
     # Two stages in one child (a block): both later passes start from that child's input.
-    assert _plan([0, 3, 3, 5]) == ([0, 0, 3, 3], [set(), {3}, set(), set()], [False, False, False, True])
+    assert plan([0, 3, 3, 5]) == ([0, 0, 3, 3], [set(), {3}, set(), set()], [False, False, False, True])
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])

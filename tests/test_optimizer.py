@@ -1,5 +1,6 @@
 """Backforward against the plain reference, against arithmetic, and against bad input."""
 
+import copy
 import math
 
 import pytest
@@ -100,33 +101,68 @@ def test_default_stages_follow_call_order_not_registration():
     assert bf.stage_names == ["stem", "mid", "head"]
 
 
-@settings(max_examples=25, deadline=None)
-@given(widths=st.lists(st.integers(1, 6), min_size=2, max_size=5), batch=st.integers(1, 5),
-       lr=st.floats(1e-3, 1.0), seed=st.integers(0, 2**16), base=st.sampled_from(list(BASES)))
-def test_property_random_mlps_equal_reference(widths, batch, lr, seed, base):
+@st.composite
+def random_chains(draw):
+    """A random nn.Sequential: widths, activations, dropout, children reused as they are or inside a block."""
+    width = draw(st.integers(1, 5))
+    children, linears = [nn.Linear(draw(st.integers(1, 5)), width)], []
+    linears.append(children[0])
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["new", "new", "reuse", "reuse_inside"]))
+        act = draw(st.sampled_from([nn.Tanh, nn.ReLU, lambda: nn.Dropout(0.3)]))()
+        if kind == "new" or len(linears) == 1:
+            layer = nn.Linear(width, width)
+            linears.append(layer)
+            children += [act, layer]
+        elif kind == "reuse":
+            children += [act, draw(st.sampled_from(linears[1:]))]
+        else:
+            children.append(nn.Sequential(act, draw(st.sampled_from(linears[1:]))))
+    head = nn.Linear(width, 3)
+    linears.append(head)
+    children += [nn.Tanh(), head]
+    model = nn.Sequential(*children).double()
+    forward = list({id(m): m for c in model for m in c.modules() if isinstance(m, nn.Linear)}.values())
+    split = draw(st.one_of(st.none(), st.lists(st.integers(0, 2), min_size=len(forward), max_size=len(forward))))
+    return model, forward, split
+
+
+@settings(max_examples=30, deadline=None)
+@given(chain=random_chains(), batch=st.integers(1, 5), seed=st.integers(0, 2**16),
+       base=st.sampled_from(list(BASES)), order=st.sampled_from(["forward", "reverse"]))
+def test_property_random_chains_step_batch_equals_step_equals_reference(chain, batch, seed, base, order):
+    model, forward, split = chain
     torch.manual_seed(seed)
-    layers = []
-    for a, b in zip(widths, widths[1:], strict=False):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    model = nn.Sequential(*layers[:-1])
-    x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
-    stages = [list(m.parameters()) for m in model if isinstance(m, nn.Linear)]
-    twins = [clone(model, stages) for _ in range(2)]
-    ref_model, ref_stages = twins[0]
-    step_model = twins[1][0]
+    x = torch.randn(batch, model[0].in_features, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch,))
+    if split is None:  # default stages: each Linear once, in the order the forward first uses it
+        spec, by_hand = None, [list(m.parameters()) for m in forward]
+    else:  # explicit stages: random groups of Linears, in label order
+        groups = [[p for m, label in zip(forward, split, strict=True) if label == g for p in m.parameters()]
+                  for g in sorted(set(split))]
+        spec, by_hand = groups, groups
+    step_model, ref = copy.deepcopy(model), copy.deepcopy(model)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
 
-    def make_base(m):
-        return torch.optim.SGD(m.parameters(), lr=lr) if base == "sgd" else BASES[base](m.parameters())
+    def mirror(m, stages):
+        params = list(m.parameters())
+        return [[params[index[id(p)]] for p in s] for s in stages]
 
-    ref_opt = make_base(ref_model)
-    step_opt = Backforward(step_model, make_base(step_model))
-    fast_opt = Backforward(model, make_base(model))
-    for _ in range(2):
-        reference_step(ref_model, ref_opt, ref_stages, lambda: _backward(F.mse_loss(ref_model(x), y)))
-        step_opt.step(lambda: _backward(F.mse_loss(step_model(x), y)))
-        fast_opt.step_batch(x, y, F.mse_loss)
-    assert_same_params(step_model, ref_model, atol=1e-5)
-    assert_same_params(model, ref_model, atol=1e-5)
+    fast = Backforward(model, BASES[base](model.parameters()), stages=spec, order=order)
+    slow = Backforward(step_model, BASES[base](step_model.parameters()),
+                       stages=mirror(step_model, spec) if spec else None, order=order)
+    ref_opt = BASES[base](ref.parameters())
+    ref_stages = mirror(ref, by_hand)
+    for t in range(2):
+        torch.manual_seed(t)
+        reference_step(ref, ref_opt, ref_stages[::-1] if order == "reverse" else ref_stages,
+                       lambda: _backward(F.cross_entropy(ref(x), y)))
+        torch.manual_seed(t)
+        slow.step(lambda: _backward(F.cross_entropy(step_model(x), y)))
+        torch.manual_seed(t)
+        fast.step_batch(x, y, F.cross_entropy)
+    assert_same_params(step_model, ref, atol=1e-12)
+    assert_same_params(model, ref, atol=1e-12)
 
 
 def test_hand_computed_two_scalar_layers():
@@ -273,7 +309,7 @@ def test_optimizer_protocol():
     bf.step_batch(x, y, F.cross_entropy)
     bf.step(lambda: _backward(F.cross_entropy(model(x), y)))
     scheduler.step()
-    assert calls == ["pre", "post"]  # step_batch is not step; step ran the hooks once
+    assert calls == ["pre", "post", "pre", "post"]  # each entry point is one step to hooks
     assert base.param_groups[0]["lr"] == pytest.approx(0.15)
     saved = bf.state_dict()
     twin, _ = clone(model, [])
@@ -290,10 +326,9 @@ def test_optimizer_protocol():
 # ---- bad input: a clear error, never a silent wrong answer ----
 
 def test_error_model_without_trainable_parameters():
-    model = nn.Sequential(nn.ReLU())
     frozen = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        Backforward(model, torch.optim.SGD(frozen.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="holds no trainable parameters"):
+        Backforward(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1))
 
 
 def test_error_optimizer_parameters_outside_the_model():
@@ -312,7 +347,9 @@ def test_error_parameter_in_two_stages_or_in_none():
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="claimed by two stages"):
-        Backforward(tied, torch.optim.SGD(tied.parameters(), lr=0.1))
+        Backforward(tied, torch.optim.SGD(tied.parameters(), lr=0.1), stages=[tied[0], tied[1]])
+    # By default a tied parameter belongs to its first owner.
+    assert [len(s.params) for s in Backforward(tied, torch.optim.SGD(tied.parameters(), lr=0.1)).stages] == [2, 1]
 
 
 def test_error_unknown_order():

@@ -1,256 +1,362 @@
-"""The engines: one Backforward step as n passes, and the fast pass for chains of stages.
+"""One Backforward step: n passes, each computing one stage's gradient after the stages before it moved.
 
-``backforward_step`` is the loop both engines share. It owns everything DESIGN §1 asks
-of a step whatever computes the passes: only stage k requires grad in pass k, every
-pass sees the random numbers of the first, buffers (BatchNorm running statistics)
-advance once from the first pass, and gradients end as the ones each stage was
-updated with. A pass is a callable that computes the loss and its backward:
+``backforward_step`` reads like the definition in ``reference.py``::
 
-- generic engine: the user's closure, run whole each time (any ``nn.Module``); autograd
-  computes no weight gradients for stages that do not require grad and stops below
-  the earliest one that does;
-- fast engine (``ChainEngine``): for an ``nn.Sequential``, pass k starts from the cached
-  input of the first child that changed, so it recomputes only stage k-1 and what
-  follows it; the cached input does not require grad, so backward stops at stage k.
+    for each pass j, updating stage k = order[j]:
+        every pass sees the step's start: random numbers, buffers       Replay
+        loss, G'_k = the pass (forward, backward restricted to stage k)  run_pass, StageGradients
+        G'_k averaged over processes, unscaled (AMP), clipped            prepare_gradients
+        θ_k ← base update with G'_k alone; θ_k saved first              update, Rollback
+
+A pass is a function that computes the loss and its backward: the user's closure run
+whole (the generic engine, any ``nn.Module``), or a fast pass that recomputes only what
+changed (``chain.ChainEngine``). Whatever computes it, every parameter keeps its
+``requires_grad`` in every pass, so each pass runs exactly the forward a plain step
+runs, and the backward of pass k computes stage k's weight gradients alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .stages import Stage
+from .replay import BufferSlot, GroupStateReplay, Replay, Rollback
+from .stages import Stage, call_order, data_flow_order, record_call_order, scan_graph
 
-RunPass = Callable[[int, int], torch.Tensor]
-"""run_pass(pass_index, stage_index) -> loss, with backward() already called."""
+_autograd_backward = torch.autograd.backward  # the real one, while a closure runs with it intercepted
 
-
-def rng_snapshot() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """The CPU generator and, where CUDA is in use, every CUDA generator."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
+RunPass = Callable[[int, "StageGradients"], torch.Tensor]
+"""run_pass(pass index, gradients) -> the pass's loss, its backward done through ``gradients``."""
 
 
-def rng_restore(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+@dataclass
+class StepSetup:
+    """Everything a step needs besides its passes (the optimizer builds one per step, the ICS meter too)."""
 
-
-def restore_buffers(buffers: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
-    """Copy saved values back into buffers (running statistics) in place."""
-    with torch.no_grad():
-        for b, value in zip(buffers, saved, strict=True):
-            b.copy_(value)
+    model: nn.Module
+    stages: Sequence[Stage]
+    order: list[int] | None                 # stage index updated in each pass; None: data flow, read in pass 1
+    update: Callable[[Stage], None]         # moves one stage with its parameters' .grad
+    buffers: Sequence[BufferSlot]
+    record_calls: bool = False              # with order None: note module calls in pass 1 (a graph may hide stages)
+    unheld: Sequence[nn.Parameter] = ()     # trainable parameters outside every stage: they get no gradient
+    reverse: bool = False                   # with order None: update the last stage first
+    optimizer: torch.optim.Optimizer | None = None  # its state and group-level state roll back with the step
+    start_grads: dict[int, torch.Tensor] | None = None  # filled with G at θ_t for every stage (the ICS meter)
+    reduce: Callable[[list[torch.Tensor]], None] | None = None  # averages tensors over processes, in place
+    grad_scaler: Any = None                 # torch.amp.GradScaler
+    scaler_views: dict[int, Any] = field(default_factory=dict)  # id(stage) -> what GradScaler.unscale_ reads
+    max_grad_norm: float | None = None
+    check_finite: bool = True
+    rollback: bool = True
 
 
 @dataclass
 class StepResult:
-    """What a step leaves behind; stage lists are indexed by stage, not by pass."""
+    """What a step leaves behind."""
 
-    losses: list[torch.Tensor]                  # detached pass losses, in pass order
-    sequence: list[int]                         # stage updated in each pass
-    used_grads: list[list[torch.Tensor | None]]  # G'_k: the gradient stage k was updated with
-    start_grads: list[list[torch.Tensor | None]] | None  # G_k at θ_t (with keep_start_grads)
+    losses: torch.Tensor                     # one per pass, in pass order, detached
+    order: list[int]                         # the stage each pass updated
+    used_grads: dict[int, list[torch.Tensor | None]]      # stage -> G'_k (after averaging, unscaling, clipping)
+    measured_grads: dict[int, list[torch.Tensor | None]]  # stage -> G'_k before clipping (for the ICS meter)
+    hides_parameters: bool = False           # the first pass's graph held a reentrant checkpoint
+    skipped: bool = False                    # AMP: gradients held inf or NaN, so the step was undone
 
 
-def backforward_step(model: nn.Module, stages: Sequence[Stage], run_pass: RunPass,
-                     apply_update: Callable[[int], None], *,
-                     sequence: Sequence[int] | Callable[[], Sequence[int]],
-                     full_first_pass: bool, keep_start_grads: bool = False, others: Sequence[nn.Parameter] = (),
-                     reduce_grads: Callable[[list[torch.Tensor]], None] | None = None) -> StepResult:
-    """One Backforward step: pass j computes stage ``sequence[j]``'s gradient, then only it moves.
+class StageGradients:
+    """Which leaves each pass's backward computes, and what the closure then sees: stage k's gradient alone.
 
-    ``sequence`` may be a callable evaluated after the first pass (the stage order is
-    found during it); that needs ``full_first_pass``, in which every stage requires grad.
-    ``keep_start_grads`` keeps (and averages) every stage's gradient of that pass: G_k at θ_t.
-    ``others`` are trainable parameters outside every stage: they get no gradient.
-    ``reduce_grads`` averages a list of tensors across processes in place (each pass's
-    gradients and its loss, in one call).
+    The backward of pass k is restricted to stage k's parameters (``inputs=``): autograd
+    computes no other weight gradient and prunes everything below stage k, without
+    touching any ``requires_grad`` flag (flags change which kernels the forward runs).
+    Two cases compute more and move it aside before the closure can see it: the first
+    pass with the ICS meter (G at θ_t for every stage), and a graph with a reentrant
+    checkpoint, whose parameters are not edges of the graph (the whole backward runs, as
+    in a plain step, and parameters the optimizer does not hold keep their gradients).
     """
-    if callable(sequence) and not full_first_pass:
-        raise ValueError("a stage order found during the step needs a full first pass")
-    stage_params = [p for s in stages for p in s.params]
-    requires = [(p, p.requires_grad) for p in (*stage_params, *others)]
-    used: list[list[torch.Tensor | None]] = [[None] * len(s.params) for s in stages]
-    start_grads = None
-    losses: list[torch.Tensor] = []
-    order: list[int] = [] if callable(sequence) else list(sequence)
-    buffers = list(model.buffers())
-    rng_start = rng_snapshot()
-    try:
-        for p in others:
-            p.requires_grad_(False)
-        for j in range(len(stages)):
-            if j > 0:
-                rng_restore(rng_start)  # the same dropout masks in every pass
-            full = j == 0 and full_first_pass
-            for p in stage_params:
+
+    def __init__(self, setup: StepSetup):
+        self.stages = setup.stages
+        self.order = setup.order
+        self.reverse = setup.reverse
+        self.unheld = setup.unheld
+        self.start_grads = setup.start_grads
+        self.called: list[nn.Module] = []  # modules in order of first call in pass 1, where recorded
+        self.j = 0
+        self.calls = 0
+        self.whole = False
+
+    def begin(self, j: int) -> None:
+        self.j, self.calls = j, 0
+
+    @property
+    def k(self) -> int:
+        assert self.order is not None
+        return self.order[self.j]
+
+    def where(self) -> str:
+        if self.order is None:
+            return f"pass {self.j + 1}"
+        forward = self.order[::-1] if self.reverse else self.order
+        return f"pass {self.j + 1} (stage {forward.index(self.k) + 1}, {self.stages[self.k].name!r})"
+
+    def backward(self, tensors: Any, grad_tensors: Any = None, retain_graph: bool | None = None,
+                 create_graph: bool = False) -> None:
+        """One backward call of the current pass, computing what the pass needs."""
+        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        roots = [t for t in roots if isinstance(t, torch.Tensor)]
+        if not any(t.requires_grad for t in roots):
+            raise RuntimeError(f"the loss does not require grad in {self.where()}: it was computed under "
+                               "torch.no_grad(), detached, or from no trainable parameter")
+        inputs = self._inputs(roots)
+        kept = [(p, p.grad) for p in self.unheld] if inputs is None else []
+        _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=inputs)
+        for p, g in kept:
+            p.grad = g
+        if inputs is None or self._meter_pass():
+            self._set_aside_other_stages()
+
+    @contextmanager
+    def intercepting_backward(self) -> Iterator[None]:
+        """While a closure runs, its ``backward()`` calls go through ``self.backward``.
+
+        Calls that name their own ``inputs``, calls from other threads and calls made
+        inside a backward (a reentrant checkpoint's recomputation) pass through unchanged.
+        """
+        original = torch.autograd.backward
+        thread = threading.get_ident()
+        busy = False
+
+        @functools.wraps(original)
+        def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None,
+                     inputs=None):
+            nonlocal busy
+            if busy or inputs is not None or grad_variables is not None or threading.get_ident() != thread:
+                return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+            busy = True
+            try:
+                self.backward(tensors, grad_tensors, retain_graph, create_graph)
+            finally:
+                busy = False
+
+        torch.autograd.backward = backward
+        try:
+            yield
+        finally:
+            torch.autograd.backward = original
+
+    def finish(self, loss: object) -> int:
+        """The stage this pass updates, once the pass's loss is checked."""
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"the closure must return the loss tensor; it returned {type(loss).__name__} "
+                            f"in {self.where()}")
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a scalar; got shape {tuple(loss.shape)} in {self.where()}")
+        if self.calls == 0:
+            raise RuntimeError(f"the closure did not call backward() in {self.where()}")
+        return self.k
+
+    def _meter_pass(self) -> bool:
+        return self.j == 0 and self.start_grads is not None
+
+    def _inputs(self, roots: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if self.j == 0 and self.calls == 0:
+            scan = scan_graph(roots)
+            self.whole = scan.hides_parameters
+            if self.order is None:
+                hidden = scan.hides_parameters and self.called
+                forward = call_order(self.stages, self.called) if hidden else data_flow_order(self.stages, scan)
+                self.order = forward[::-1] if self.reverse else forward
+        self.calls += 1
+        if self.whole:
+            return None
+        if self._meter_pass():
+            return [p for s in self.stages for p in s.params]
+        return list(self.stages[self.k].params)
+
+    def _set_aside_other_stages(self) -> None:
+        meter = self._meter_pass()
+        for i, stage in enumerate(self.stages):
+            if i == self.k:
+                continue
+            for p in stage.params:
+                if meter and self.start_grads is not None and p.grad is not None:
+                    held = self.start_grads.get(id(p))
+                    self.start_grads[id(p)] = p.grad if held is None else held + p.grad
                 p.grad = None
-                p.requires_grad_(full)
-            if not full:
-                for p in stages[order[j]].params:
-                    p.requires_grad_(True)
-            with torch.enable_grad():
-                loss = run_pass(j, order[j] if order else -1)
-            if j == 0:
-                if callable(sequence):
-                    order = list(sequence())
-                rng_after = rng_snapshot()
-                buffers_after = [b.detach().clone() for b in buffers]
-            else:
-                restore_buffers(buffers, buffers_after)  # running statistics advance only with the first pass
-            k = order[j]
-            _check_pass(loss, stages, j, k)
-            value = loss.detach().reshape(1).clone()
-            if full:
-                if keep_start_grads:
-                    start_grads = [[None if p.grad is None else p.grad.detach().clone() for p in s.params]
-                                   for s in stages]
-                    if reduce_grads is not None:
-                        reduce_grads([g for gs in start_grads for g in gs if g is not None])
-                for i, s in enumerate(stages):
-                    if i != k:
-                        for p in s.params:
-                            p.grad = None
-            grads = [p.grad for p in stages[k].params]
-            if reduce_grads is not None:
-                # The pass loss rides along, so every process sees the same loss and stops on the same pass.
-                reduce_grads([g for g in grads if g is not None] + [value])
-            _check_finite(float(value[0]), stages, j, k)
-            apply_update(k)
-            used[k] = grads
-            for p in stages[k].params:
-                p.grad = None  # later passes and base steps must not see it
-            losses.append(value[0])
-        rng_restore(rng_after)  # as after one forward pass
-    finally:
-        for p, flag in requires:
-            p.requires_grad_(flag)
-        for s, grads in zip(stages, used, strict=True):
-            for p, g in zip(s.params, grads, strict=True):
-                p.grad = g
-    return StepResult(losses, order, used, start_grads)
-
-
-def _where(stages: Sequence[Stage], j: int, k: int) -> str:
-    return f"pass {j + 1} (stage {k + 1}, {stages[k].name!r})"
-
-
-def _check_pass(loss: object, stages: Sequence[Stage], j: int, k: int) -> None:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the closure must return the loss tensor; it returned {type(loss).__name__} "
-                        f"in {_where(stages, j, k)}")
-    if loss.numel() != 1:
-        raise ValueError(f"the loss must be a scalar; got shape {tuple(loss.shape)} in {_where(stages, j, k)}")
-    if loss.requires_grad and all(p.grad is None for p in stages[k].params):
-        raise RuntimeError(f"the closure did not call backward() in {_where(stages, j, k)}")
-
-
-def _check_finite(value: float, stages: Sequence[Stage], j: int, k: int) -> None:
-    if not math.isfinite(value):
-        moved = "; the stages before it were already updated" if j > 0 else ""
-        raise FloatingPointError(f"non-finite loss {value} in {_where(stages, j, k)}{moved}")
 
 
 def closure_pass(closure: Callable[[], torch.Tensor]) -> RunPass:
-    """The generic engine's pass: the user's closure, run whole."""
-    return lambda _j, _k: closure()
+    """The generic engine's pass: the user's closure, run whole, its backward restricted to stage k."""
+    def run(_j: int, gradients: StageGradients) -> torch.Tensor:
+        with gradients.intercepting_backward():
+            return closure()
+
+    return run
 
 
-class ChainEngine:
-    """Fast passes for an ``nn.Sequential``: prefix cache plus backward truncated at stage k.
+def batch_pass(model: nn.Module, inputs: Any, targets: Any,
+               loss_fn: Callable[[Any, Any], torch.Tensor]) -> RunPass:
+    """The generic engine's pass for ``step_batch``: the whole forward, backward restricted to stage k."""
+    def run(_j: int, gradients: StageGradients) -> torch.Tensor:
+        loss = loss_fn(model(inputs), targets)
+        gradients.backward(loss)
+        return loss
 
-    The plan (which child each pass starts from, which child inputs it stores for later
-    passes, which it may drop after reading) depends only on the stage order, so it is
-    made once. An input stored for pass m is produced by the last earlier pass that
-    started before it; no stage in front of it moves in between (see ``_plan``).
+    return run
+
+
+def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) -> StepResult:
+    """One Backforward step; with ``keep=False`` everything is put back afterwards (a measurement)."""
+    stages = setup.stages
+    params = [p for s in stages for p in s.params]
+    grads_before = [p.grad for p in params]
+    for p in params:
+        p.grad = None  # gradients left from before the step are not part of it
+    gradients = StageGradients(setup)
+    replay = Replay(setup.buffers)
+    undo = Rollback(setup.optimizer.state if setup.optimizer is not None else None)
+    groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
+    used: dict[int, list[torch.Tensor | None]] = {}
+    measured: dict[int, list[torch.Tensor | None]] = {}
+    losses: list[torch.Tensor] = []
+    finite_grads: list[torch.Tensor] = []
+    skipped = False
+    try:
+        for j in range(len(stages)):
+            replay.before_pass(j)
+            gradients.begin(j)
+            if j == 0 and setup.order is None and setup.record_calls:
+                with record_call_order(setup.model) as gradients.called:
+                    loss = run_pass(j, gradients)
+            else:
+                loss = run_pass(j, gradients)
+            k = gradients.finish(loss)
+            replay.after_pass(j)
+            stage = stages[k]
+            value = loss.detach().reshape(1).clone()
+            measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
+            if setup.rollback or not keep or setup.grad_scaler is not None:
+                undo.save(stage.params)
+            if groups is not None:
+                groups.before_update(j)
+            setup.update(stage)
+            if groups is not None:
+                groups.after_update(j)
+            used[k] = [p.grad for p in stage.params]
+            for p in stage.params:
+                p.grad = None  # later passes and base steps must not see it
+            losses.append(value)
+        replay.finish()
+        values = torch.cat(losses) if losses else torch.zeros(0)
+        skipped = _check_finite(setup, gradients, values, finite_grads)
+        if skipped or not keep:
+            undo.restore()
+            if groups is not None:
+                groups.rollback()
+        if not keep:
+            replay.rollback()
+    except BaseException:
+        if setup.rollback:
+            undo.restore()
+            if groups is not None:
+                groups.rollback()
+        replay.rollback()
+        for p, g in zip(params, grads_before, strict=True):
+            p.grad = g
+        raise
+    if keep:
+        for k, grads in used.items():
+            for p, g in zip(stages[k].params, grads, strict=True):
+                p.grad = g
+    else:
+        for p, g in zip(params, grads_before, strict=True):
+            p.grad = g
+    assert gradients.order is not None
+    return StepResult(values, list(gradients.order), used, measured, gradients.whole, skipped)
+
+
+def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, meter: bool,
+                      finite: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Average G'_k (and the pass loss) over processes, unscale it (AMP), clip it; returns it as before clipping.
+
+    In the meter's pass (the first, with ``start_grads``) the other stages' G at θ_t go
+    through the same all-reduce and unscaling, and a stage without a gradient counts zero.
     """
-
-    def __init__(self, model: nn.Sequential, stages: Sequence[Stage], sequence: Sequence[int]):
-        self.children = list(model)
-        self.positions = stage_positions(model, stages)
-        if self.positions is None:
-            raise ValueError("the stages of this model do not form a chain")
-        self.starts, self.stores, self.drops = _plan([self.positions[k] for k in sequence])
-        self.copy_cache = False  # set once an in-place module is seen to modify a cached input
-        self._cache: dict[int, tuple[torch.Tensor, int, tuple]] = {}
-
-    @staticmethod
-    def supports(model: nn.Module, stages: Sequence[Stage]) -> bool:
-        """A plain ``nn.Sequential`` (no root hooks, no overridden forward) whose stages each lie in one child."""
-        return (type(model).forward is nn.Sequential.forward
-                and not (model._forward_hooks or model._forward_pre_hooks)
-                and stage_positions(model, stages) is not None)
-
-    def cached_activations(self) -> list[torch.Tensor]:
-        """The child inputs held between passes (for memory accounting)."""
-        return [t for t, _, _ in self._cache.values()]
-
-    def make_pass(self, inputs: torch.Tensor, targets: torch.Tensor,
-                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> RunPass:
-        """The pass function for one step on this batch (the cache starts empty each step)."""
-        self._cache.clear()
-
-        def run(j: int, _k: int) -> torch.Tensor:
-            start, h = self.starts[j], inputs
-            if start > 0:
-                cached, version, rng = self._cache[start]
-                if cached._version != version:   # an in-place module changed it: recompute whole
-                    self.copy_cache, start = True, 0
-                else:
-                    rng_restore(rng)  # the random numbers a full pass would have reached here
-                    h = cached if self.drops[j] or not self.copy_cache else cached.clone()
-                if self.drops[j]:
-                    del self._cache[self.starts[j]]
-            for i in range(start, len(self.children)):
-                if i in self.stores[j]:
-                    kept = h.detach().clone() if self.copy_cache else h.detach()
-                    self._cache[i] = (kept, kept._version, rng_snapshot())
-                h = self.children[i](h)
-            loss = loss_fn(h, targets)
-            loss.backward()
-            return loss
-
-        return run
+    start = setup.start_grads if meter else None
+    others: list[torch.Tensor] = []
+    if start is not None:
+        for s in setup.stages:
+            if s is not stage:
+                for p in s.params:
+                    if id(p) not in start:
+                        start[id(p)] = torch.zeros_like(p)
+                    others.append(start[id(p)])
+    if setup.reduce is not None:
+        _average(setup.reduce, stage.params, loss, others)
+    if setup.grad_scaler is not None:
+        setup.grad_scaler.unscale_(setup.scaler_views[id(stage)])
+        present = [p.grad for p in stage.params if p.grad is not None]
+        if present:
+            finite.append(torch.stack([torch.isfinite(g).all() for g in present]).all())
+        if others:
+            inverse = setup.grad_scaler.scale(torch.ones((), device=loss.device)).reciprocal()
+            for g in others:
+                g.mul_(inverse)
+    clip = setup.max_grad_norm is not None
+    grads = [p.grad for p in stage.params]
+    if setup.start_grads is not None and clip:  # the meter compares gradients before clipping
+        grads = [None if g is None else g.clone() for g in grads]
+    if start is not None:
+        for p, g in zip(stage.params, grads, strict=True):
+            start[id(p)] = torch.zeros_like(p) if g is None else g
+    if clip:
+        present = [p for p in stage.params if p.grad is not None]
+        if present:
+            torch.nn.utils.clip_grad_norm_(present, setup.max_grad_norm)
+    return grads
 
 
-def stage_positions(model: nn.Sequential, stages: Sequence[Stage]) -> list[int] | None:
-    """Index of the child holding each stage, or None if a stage spans children or a child repeats."""
-    children = list(model)
-    if len({id(c) for c in children}) != len(children):
-        return None
-    where = {id(p): i for i, c in enumerate(children) for p in c.parameters()}
-    positions = []
-    for s in stages:
-        found = {where.get(id(p)) for p in s.params}
-        if len(found) != 1 or None in found:
-            return None
-        positions.append(found.pop())
-    return positions
+def _average(reduce: Callable[[list[torch.Tensor]], None], params: Sequence[nn.Parameter],
+             loss: torch.Tensor, extra: list[torch.Tensor]) -> None:
+    """One all-reduce: stage k's gradients (zeros where this process has none), ``extra``, the loss, and
+    which parameters had a gradient, so that a parameter no process used keeps none."""
+    missing = {id(p) for p in params if p.grad is None}
+    for p in params:
+        if id(p) in missing:
+            p.grad = torch.zeros_like(p)
+    present = torch.tensor([id(p) not in missing for p in params], dtype=loss.dtype, device=loss.device)
+    reduce([*(p.grad for p in params), *extra, loss, present])
+    if missing:  # a host read only where this process saw an unused parameter
+        for p, seen in zip(params, present.tolist(), strict=True):
+            if id(p) in missing and seen == 0:
+                p.grad = None
 
 
-def _plan(positions: Sequence[int]) -> tuple[list[int], list[set[int]], list[bool]]:
-    """Per pass: the child it starts from, the child inputs it stores, whether it drops what it read.
+def _check_finite(setup: StepSetup, gradients: StageGradients, losses: torch.Tensor,
+                  finite_grads: list[torch.Tensor]) -> bool:
+    """The step's one host read: are the losses (and, with a GradScaler, the gradients) finite?
 
-    Pass m updates the stage at ``positions[m]``; the stage at ``positions[m-1]`` moved
-    just before it. It must start at or before both: start_m = min of the two (0 for the
-    first pass). Its input was produced by the last earlier pass that started before it.
+    Returns whether an AMP step must be skipped; raises for a non-finite loss without one.
     """
-    n = len(positions)
-    starts = [0] + [min(positions[m - 1], positions[m]) for m in range(1, n)]
-    producer = [max(i for i in range(m) if starts[i] < starts[m]) if starts[m] > 0 else None
-                for m in range(n)]
-    stores: list[set[int]] = [set() for _ in range(n)]
-    for m in range(n):
-        if producer[m] is not None:
-            stores[producer[m]].add(starts[m])
-    drops = [producer[m] is not None
-             and not any(producer[later] == producer[m] and starts[later] == starts[m] for later in range(m + 1, n))
-             for m in range(n)]
-    return starts, stores, drops
+    scaler = setup.grad_scaler
+    if not setup.check_finite and scaler is None:
+        return False
+    flags = [torch.isfinite(losses).all()] + ([torch.stack(finite_grads).all()] if finite_grads else [])
+    ok = torch.stack(flags).tolist()
+    if all(ok):
+        return False
+    if scaler is not None:
+        return True  # as GradScaler.step skips it; scaler.update() then lowers the scale
+    bad = next(j for j, v in enumerate(losses.tolist()) if not math.isfinite(v))
+    gradients.j = bad
+    undone = "; the step was undone" if setup.rollback else "; the stages before it were already updated"
+    raise FloatingPointError(f"non-finite loss {losses[bad].item()} in {gradients.where()}{undone}")

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import distributed
-from .engines import ChainEngine, RunPass, StepResult, backforward_step, closure_pass
-from .ics import ICSReport, shift_and_cosine
-from .stages import (
-    Stage,
-    call_ranking,
-    check_stages,
-    default_stages,
-    explicit_stages,
-    optimizer_params,
-    parameter_names,
-    record_call_order,
-)
+from .chain import ChainEngine
+from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass
+from .ics import ICSReport, gradient_shift
+from .replay import buffer_slots
+from .stages import Stage, StageSpec, find_stages, parameter_names
 
 ORDERS = ("forward", "reverse")
 
@@ -40,34 +35,52 @@ class Backforward(torch.optim.Optimizer):
         \end{aligned}
 
     so no stage is updated for inputs it no longer sees: internal covariate shift is
-    removed. Every pass of a step sees the same random numbers (dropout masks), buffers
-    such as BatchNorm running statistics advance once with the first pass, and after the
-    step each parameter's ``.grad`` holds the gradient it was updated with.
+    removed. Every pass sees the random numbers (dropout masks), buffers and group-level
+    optimizer state the step started with; afterwards they are as after the first pass.
+    After the step each stage's ``.grad`` is the gradient it was updated with. A step that
+    raises leaves parameters, optimizer state, buffers and random number generators as
+    they were before it.
 
     Args:
         model: the model whose parameters ``optimizer`` holds.
-        optimizer: any ``torch.optim.Optimizer``; it keeps its per-parameter state as usual.
-        stages: ``None`` (one stage per module that directly owns trainable parameters,
-            ordered by first call in the forward pass), or a list of modules or of
-            parameter lists, in forward order.
+        optimizer: a ``torch.optim.Optimizer`` whose step needs no closure; in pass k its
+            ``param_groups`` hold stage k's parameters alone, so it updates only them and
+            keeps its per-parameter state as usual.
+        stages: ``"module"`` (default: one stage per module that directly owns trainable
+            parameters), ``"child"`` (one per top-level child), ``"depth:N"`` (grouped by the
+            first N parts of the owning module's name), each ordered by data flow; or a list
+            of modules or parameter lists, in forward order. Frozen parameters are never a stage.
         order: ``"forward"`` (the paper) or ``"reverse"`` (last stage first: keeps the shift).
         track_ics: compute the plain gradients :math:`G_k` in the first pass and fill
-            ``last_report`` with ‖G_k − G'_k‖ and cos∠(G_k, G'_k) per stage.
+            ``last_report`` with ‖G_k − G'_k‖, cos∠(G_k, G'_k) and ‖G_k‖ per stage.
+        max_grad_norm: clip each stage's gradient :math:`G'_k` to this norm before its update
+            (per stage: no global norm exists when stage 1 moves). Clipping inside a closure
+            means the same, since the closure sees stage k's gradient alone.
+        grad_scaler: a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closure
+            calls; each pass's gradient is unscaled before its update, and a step whose
+            gradients hold inf or NaN is undone (as ``GradScaler.step`` skips it). Call
+            ``grad_scaler.update()`` after each step.
+        check_finite: raise ``FloatingPointError`` (the step undone) if a pass loss is not
+            finite; costs one host-device synchronisation per step.
+        rollback: keep a copy of each stage's parameters and optimizer state from before its
+            update until the step ends, so a step that fails is undone.
         process_group: average each stage's gradients over this ``torch.distributed``
             group after each pass (default: the world group when initialised).
         check_replicas: after each step, compare parameter checksums across processes and
             raise if they differ (default: on when ``TORCH_DISTRIBUTED_DEBUG`` is set).
 
     The wrapper shares the base optimizer's ``param_groups`` and ``state``, so LR
-    schedulers, ``state_dict``, ``zero_grad`` and hooks work unchanged. ``step(closure)``
-    calls the closure (compute the loss, call ``backward()``, return the loss) once per
-    stage and returns the first pass's loss. ``step_batch(inputs, targets, loss_fn)``
-    gives the same result and uses the fast engine when the model is an ``nn.Sequential``.
+    schedulers, ``state_dict``, ``zero_grad`` and ``add_param_group`` work unchanged.
+    ``step(closure)`` calls the closure (compute the loss, call ``backward()``, return the
+    loss) once per stage and returns the first pass's loss; ``step_batch(inputs, targets,
+    loss_fn)`` gives the same result, fast on an ``nn.Sequential``. Both are one optimizer
+    step to step hooks and schedulers; the base optimizer's own step runs (and fires its
+    hooks) once per pass.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 stages: Sequence[nn.Module | Iterable[nn.Parameter]] | None = None,
-                 order: str = "forward", *, track_ics: bool = False,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, stages: StageSpec = None,
+                 order: str = "forward", *, track_ics: bool = False, max_grad_norm: float | None = None,
+                 grad_scaler: Any = None, check_finite: bool = True, rollback: bool = True,
                  process_group: Any = None, check_replicas: bool | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
@@ -75,33 +88,37 @@ class Backforward(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if isinstance(optimizer, Backforward):
             raise TypeError("optimizer is already a Backforward; wrap the base optimizer once")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("the model has no trainable parameters")
-        params = optimizer_params(optimizer)
-        names = parameter_names(model)
-        for i, p in enumerate(params):
-            if id(p) not in names:
-                raise ValueError(f"optimizer parameter #{i} (shape {tuple(p.shape)}) is not a parameter of the model")
+        if _step_needs_closure(optimizer):
+            raise TypeError(f"{type(optimizer).__name__}.step needs a closure and re-evaluates the loss itself; "
+                            "Backforward calls the base step once per stage without one")
+        _check_order(order)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, not {type(grad_scaler).__name__}")
+        meta = [name for name, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise ValueError(f"the model's parameters are on the meta device (no data), e.g. {meta[0]}; "
+                             "materialise them first (model.to_empty(device=...) and initialise)")
         self.model = model
         self.base_optimizer = optimizer
         self.order = order
         self.track_ics = track_ics
+        self.max_grad_norm = max_grad_norm
+        self.grad_scaler = grad_scaler
+        self.check_finite = check_finite
+        self.rollback = rollback
         self.process_group = process_group
         self.check_replicas = check_replicas
-        self.last_losses: list[float] = []
         self.last_report: ICSReport | None = None
-        given = stages is not None
-        found = explicit_stages(stages, names, params) if given else default_stages(model, params)
-        check_stages(found, params, names)
-        self._stages = found
-        self._ordered = given  # default stages are ordered by first call, found in the first step
-        self._chain: ChainEngine | bool | None = None  # None: not decided yet; False: not a chain
-        held = {id(p) for p in params}
-        self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
+        self.last_step_skipped = False
+        self._last_losses = torch.zeros(0)
+        self._stage_spec = stages
+        self._plan: _Plan | None = None
+        self._check_held(optimizer.param_groups)
+        self._current_plan()  # bad stages raise here, before any step
         self._shared = False
-        super().__init__(params, dict(optimizer.defaults))
+        super().__init__([p for g in optimizer.param_groups for p in g["params"]], dict(optimizer.defaults))
         self._shared = True
         # Share, don't copy: schedulers and checkpoints then see one set of groups and state.
         self.param_groups = optimizer.param_groups
@@ -109,90 +126,192 @@ class Backforward(torch.optim.Optimizer):
 
     @property
     def stages(self) -> list[Stage]:
-        """The stages in forward order (for default stages: known after the first step)."""
-        return list(self._stages)
+        """The stages in forward order (named granularities: the order of the last step's data flow)."""
+        return list(self._current_plan().stages)
 
     @property
     def stage_names(self) -> list[str]:
-        return [s.name for s in self._stages]
+        return [s.name for s in self.stages]
 
-    def _sequence(self, forward: Sequence[int] | None = None) -> list[int]:
-        """Stage indices in update order, given their forward order (default: as stored)."""
-        forward = list(range(len(self._stages)) if forward is None else forward)
-        return forward if self.order == "forward" else forward[::-1]
+    @property
+    def last_losses(self) -> list[float]:
+        """The loss of each pass of the last step: pass k's is the batch loss after stages 1..k-1 moved."""
+        return self._last_losses.tolist()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One Backforward step; ``closure`` computes the loss and calls ``backward()``."""
+        """One Backforward step; ``closure`` computes the loss, calls ``backward()`` and returns the loss."""
         if closure is None:
-            raise TypeError("Backforward.step needs a closure that computes the loss and calls backward(), "
-                            "as for torch.optim.LBFGS (or use step_batch)")
-        return self._step(closure_pass(closure))
+            raise TypeError("Backforward.step needs a closure that computes the loss, calls backward() and returns "
+                            "the loss, as for torch.optim.LBFGS (or use step_batch); with a GradScaler, pass "
+                            "grad_scaler= to Backforward and call step(closure), not scaler.step(optimizer)")
+        plan = self._current_plan()
+        if isinstance(closure, _Batch):
+            chain = self._chain(plan)
+            run_pass = (chain.make_pass(closure.inputs, closure.targets, closure.loss_fn) if chain is not None
+                        else batch_pass(self.model, closure.inputs, closure.targets, closure.loss_fn))
+            return self._step(plan, run_pass, follow_graph=chain is None)
+        return self._step(plan, closure_pass(closure), follow_graph=True)
 
-    def step_batch(self, inputs: torch.Tensor, targets: torch.Tensor,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """One step on a batch, the same as ``step`` with the obvious closure; fast on ``nn.Sequential``."""
-        if self._ordered and self._chain is None:  # decided once, when the stage order is known
-            chain = ChainEngine.supports(self.model, self._stages)
-            self._chain = ChainEngine(self.model, self._stages, self._sequence()) if chain else False  # type: ignore
-        if self._chain:
-            return self._step(self._chain.make_pass(inputs, targets, loss_fn))
+    def step_batch(self, inputs: Any, targets: Any,
+                   loss_fn: Callable[[Any, Any], torch.Tensor]) -> torch.Tensor:
+        """One step on a batch: ``step`` with the closure ``loss_fn(model(inputs), targets).backward()``."""
+        return self.step(_Batch(inputs, targets, loss_fn))
 
-        def closure() -> torch.Tensor:
-            loss = loss_fn(self.model(inputs), targets)
-            loss.backward()
-            return loss
-
-        return self._step(closure_pass(closure))
-
-    def cached_activations(self) -> list[torch.Tensor]:
-        """Activations the fast engine holds between passes of a step (for memory accounting)."""
-        return self._chain.cached_activations() if self._chain else []
-
-    def _step(self, run_pass: RunPass) -> torch.Tensor:
-        stages = self._stages
-        if self._ordered:
-            result = self._run(run_pass, self._sequence(), full_first_pass=self.track_ics)
-        else:  # default stages: the first pass computes every gradient and records the call order
-            with record_call_order(self.model) as called:
-                result = self._run(run_pass, lambda: self._sequence(call_ranking(stages, called)),
-                                   full_first_pass=True)
-            self._stages = [stages[i] for i in self._sequence(result.sequence)]  # reverse undoes reverse
-            self._ordered = True
-        self.last_losses = [float(v) for v in result.losses]
-        self._check_replicas()
-        if self.track_ics:
-            self.last_report = self._report(stages, result)
-        return result.losses[0]
-
-    def _run(self, run_pass: RunPass, sequence, full_first_pass: bool) -> StepResult:
-        return backforward_step(self.model, self._stages, run_pass, lambda _k: self.base_optimizer.step(),
-                                sequence=sequence, full_first_pass=full_first_pass,
-                                keep_start_grads=self.track_ics, others=self._others,
-                                reduce_grads=self._reducer())
-
-    def _reducer(self) -> Callable[[list[torch.Tensor]], None] | None:
-        return distributed.grad_averager(self.process_group)
-
-    def _check_replicas(self) -> None:
-        check = self.check_replicas if self.check_replicas is not None else distributed.debug_mode()
-        if check:
-            distributed.check_replicas([p for s in self._stages for p in s.params], self.process_group)
-
-    def _report(self, stages: list[Stage], result: StepResult) -> ICSReport:
-        """Per stage in forward order; ``stages`` is the list the step's indices refer to."""
-        assert result.start_grads is not None
-        forward = self._sequence(result.sequence)
-        measured = [shift_and_cosine(result.start_grads[i], result.used_grads[i]) for i in forward]
-        return ICSReport([stages[i].name for i in forward], list(self.last_losses),
-                         [m[0] for m in measured], [m[1] for m in measured], [m[2] for m in measured])
+    def _held_between_passes(self) -> list[torch.Tensor]:
+        """Activations a fast engine keeps from one pass for later ones (for memory accounting)."""
+        plan = self._plan
+        return [t for chain in (plan.chains.values() if plan else ()) if chain for t in chain.cached_activations()]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self._shared:
-            raise NotImplementedError("add parameter groups to the base optimizer before wrapping it")
-        super().add_param_group(param_group)  # only during Optimizer.__init__
+        if not getattr(self, "_shared", False):  # Optimizer.__init__ builds the (discarded) initial groups
+            super().add_param_group(param_group)
+            return
+        self.base_optimizer.add_param_group(param_group)  # the shared list: stages are found again next step
+        self._check_held(self.base_optimizer.param_groups)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The base class replaces param_groups and state; re-share the base optimizer's.
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+    # ---- the step ----
+
+    def _step(self, plan: _Plan, run_pass: RunPass, follow_graph: bool) -> torch.Tensor:
+        _check_order(self.order)
+        reverse = self.order == "reverse"
+        named = self._stage_spec is None or isinstance(self._stage_spec, str)
+        forward = list(range(len(plan.stages)))
+        setup = StepSetup(
+            model=self.model, stages=list(plan.stages), record_calls=plan.hides_parameters is not False,
+            # Named stages follow this step's data flow, read from its first pass (a fast pass needs it known).
+            order=None if named and follow_graph else (forward[::-1] if reverse else forward),
+            reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
+            optimizer=self.base_optimizer, start_grads={} if self.track_ics else None,
+            reduce=distributed.grad_averager(self.process_group), grad_scaler=self._scaler(),
+            scaler_views=plan.scaler_views, max_grad_norm=self.max_grad_norm, check_finite=self.check_finite,
+            rollback=self.rollback)
+        result = backforward_step(setup, run_pass)
+        in_forward = result.order[::-1] if reverse else result.order
+        plan.stages = [setup.stages[k] for k in in_forward]
+        plan.ordered = True
+        plan.hides_parameters = result.hides_parameters
+        self._last_losses = result.losses
+        self.last_step_skipped = result.skipped
+        self._check_replicas(plan)
+        if self.track_ics:
+            self.last_report = _ics_report(setup, result, in_forward)
+        return result.losses[0]
+
+    def _scaler(self) -> Any:
+        return self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+
+    def _chain(self, plan: _Plan) -> ChainEngine | None:
+        """The fast engine for this plan and order, once the forward order is known and the model is a chain."""
+        if not plan.ordered:
+            return None
+        forward = list(range(len(plan.stages)))
+        order = tuple(forward[::-1] if self.order == "reverse" else forward)
+        key = (tuple(id(s) for s in plan.stages), order)
+        if key not in plan.chains:
+            chain = ChainEngine.supports(self.model, plan.stages)
+            plan.chains[key] = ChainEngine(self.model, plan.stages, order) if chain else None  # type: ignore[arg-type]
+        return plan.chains[key]
+
+    def _current_plan(self) -> _Plan:
+        """The stages of the parameters held now that require grad; found again when that set changes."""
+        groups = self.base_optimizer.param_groups
+        key = tuple(tuple(id(p) for p in g["params"] if p.requires_grad) for g in groups)
+        if self._plan is None or self._plan.key != key:
+            trainable = [p for g in groups for p in g["params"] if p.requires_grad]
+            if not trainable:
+                raise ValueError("the optimizer holds no trainable parameters (all are frozen)")
+            stages = find_stages(self.model, trainable, self._stage_spec)
+            held = {id(p) for g in groups for p in g["params"]}
+            unheld = [p for p in self.model.parameters() if p.requires_grad and id(p) not in held]
+            ordered = not (self._stage_spec is None or isinstance(self._stage_spec, str))
+            self._plan = _Plan(key, stages, ordered, unheld, StageUpdate(self.base_optimizer, stages),
+                               {id(s): _GradView(s.params) for s in stages})
+        return self._plan
+
+    def _check_held(self, groups: list[dict[str, Any]]) -> None:
+        names = parameter_names(self.model)
+        for i, p in enumerate(p for g in groups for p in g["params"]):
+            if id(p) not in names:
+                raise ValueError(f"optimizer parameter #{i} (shape {tuple(p.shape)}) is not a parameter of the model")
+
+    def _check_replicas(self, plan: _Plan) -> None:
+        check = self.check_replicas if self.check_replicas is not None else distributed.debug_mode()
+        if check:
+            distributed.check_replicas([p for s in plan.stages for p in s.params], self.process_group)
+
+
+@dataclass
+class _Batch:
+    """``step_batch``'s arguments, carried through ``step`` so that hooks and schedulers see one step."""
+
+    inputs: Any
+    targets: Any
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+
+
+class StageUpdate:
+    """The base optimizer's step over one stage's parameters alone: meanwhile its param_groups hold only them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, stages: Sequence[Stage]):
+        self.optimizer = optimizer
+        self.params: dict[int, list[list[torch.Tensor]]] = {}
+        for s in stages:
+            mine = {id(p) for p in s.params}
+            self.params[id(s)] = [[p for p in g["params"] if id(p) in mine] for g in optimizer.param_groups]
+
+    def __call__(self, stage: Stage) -> None:
+        groups = self.optimizer.param_groups
+        full = [g["params"] for g in groups]
+        try:
+            for g, params in zip(groups, self.params[id(stage)], strict=True):
+                g["params"] = params
+            self.optimizer.step()
+        finally:
+            for g, params in zip(groups, full, strict=True):
+                g["params"] = params
+
+
+class _GradView:
+    """What ``GradScaler.unscale_`` reads of an optimizer (its param_groups), for one stage's gradients."""
+
+    def __init__(self, params: Iterable[torch.Tensor]):
+        self.param_groups = [{"params": list(params)}]
+
+
+@dataclass
+class _Plan:
+    key: tuple                              # the trainable parameters held, per group
+    stages: list[Stage]                     # in forward order once ``ordered``
+    ordered: bool                           # explicit stages, or data flow read by a step
+    unheld: list[nn.Parameter]              # trainable model parameters the optimizer does not hold
+    update: StageUpdate
+    scaler_views: dict[int, _GradView]
+    chains: dict[tuple, ChainEngine | None] = field(default_factory=dict)
+    hides_parameters: bool | None = None    # a reentrant checkpoint seen by the last step (None: no step yet)
+
+
+def _ics_report(setup: StepSetup, result: StepResult, in_forward: Sequence[int]) -> ICSReport:
+    """Per stage in forward order; ``setup.stages`` is the list the step's indices refer to."""
+    assert setup.start_grads is not None
+    measured = torch.stack([gradient_shift([setup.start_grads[id(p)] for p in setup.stages[k].params],
+                                           result.measured_grads[k]) for k in in_forward]).tolist()
+    losses = result.losses.tolist()
+    return ICSReport([setup.stages[k].name for k in in_forward], [losses[result.order.index(k)] for k in in_forward],
+                     [m[0] for m in measured], [m[1] for m in measured], [m[2] for m in measured])
+
+
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+
+
+def _step_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    parameters = list(inspect.signature(optimizer.step).parameters.values())
+    return any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in parameters)

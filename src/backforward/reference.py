@@ -1,12 +1,13 @@
 """The plain definition of a Backforward step: small and obviously right, for tests and as the paper's loop.
 
-This is the paper's naive implementation: n full forward and backward passes, every
-weight gradient computed each time, and in pass k only stage k's update applied.
-The engines must give the same parameters; the tests hold them to it.
+This is the paper's naive implementation, made the whole specification of a step (DESIGN §1):
+n full forward and backward passes, every gradient computed each time, and in pass k only
+stage k's update applied. It shares no code with the engines it checks.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,42 +15,87 @@ from torch import nn
 
 
 def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                   stages: Sequence[Sequence[nn.Parameter]],
-                   closure: Callable[[], torch.Tensor]) -> list[float]:
+                   stages: Sequence[Sequence[nn.Parameter]], closure: Callable[[], torch.Tensor],
+                   max_grad_norm: float | None = None) -> list[float]:
     """One Backforward step by definition; returns the loss of each pass.
 
-    ``stages`` are lists of parameters in update order. ``closure`` zeroes nothing;
-    it computes the loss and calls ``backward()``.
+    ``stages`` are lists of parameters (held by ``optimizer``, requiring grad) in update
+    order; finding them is not part of the definition. ``closure`` computes the loss, calls
+    ``backward()`` and returns the loss.
+
+    - Every pass sees the random numbers, buffers and group-level optimizer state the step
+      started with; afterwards they are as after the first pass.
+    - In pass k the base optimizer steps over stage k's parameters alone, with the gradient
+      of this pass (clipped to ``max_grad_norm`` by stage k's own norm). Nothing else moves
+      or gets a gradient: frozen parameters, and parameters the optimizer does not hold,
+      keep whatever gradient they had.
+    - After the step each stage's ``.grad`` is the gradient it was updated with.
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    rng_start = torch.get_rng_state()
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    cuda_start = torch.cuda.get_rng_state_all() if cuda else None
+    groups = optimizer.param_groups
+    stage_params = [p for stage in stages for p in stage]
+    in_stages = {id(p) for p in stage_params}
+    others = [(p, p.grad) for p in model.parameters() if id(p) not in in_stages]
+    rng_start = _rng_state()
+    buffers_start = _buffers(model)
+    groups_start = [_entries(group) for group in groups]
+    used = []
     losses = []
     for k, stage in enumerate(stages):
-        # Every pass sees the random numbers of the first one (same dropout masks).
-        torch.set_rng_state(rng_start)
-        if cuda_start is not None:
-            torch.cuda.set_rng_state_all(cuda_start)
-        for p in params:
+        _set_rng_state(rng_start)
+        _set_buffers(model, buffers_start)
+        for p in stage_params:
             p.grad = None
         loss = closure()
         losses.append(float(loss.detach()))
         if k == 0:
-            # Running statistics advance once, from the network the step started from.
-            buffers_after_first = [b.detach().clone() for b in model.buffers()]
-            rng_after = torch.get_rng_state()
-            cuda_after = torch.cuda.get_rng_state_all() if cuda else None
-        else:
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers_after_first, strict=True):
-                    b.copy_(saved)
-        keep = {id(p) for p in stage}
-        for p in params:
-            if id(p) not in keep:
+            rng_after = _rng_state()
+            buffers_after = _buffers(model)
+        for p, grad in others:
+            p.grad = grad
+        for p in stage_params:
+            if not any(p is q for q in stage):
                 p.grad = None
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in stage if p.grad is not None], max_grad_norm)
+        used.append([p.grad for p in stage])
+        full = [group["params"] for group in groups]
+        for group, start in zip(groups, groups_start, strict=True):
+            group.update(copy.deepcopy(start))
+            group["params"] = [p for p in group["params"] if any(p is q for q in stage)]
         optimizer.step()
-    torch.set_rng_state(rng_after)
-    if cuda_after is not None:
-        torch.cuda.set_rng_state_all(cuda_after)
+        for group, params in zip(groups, full, strict=True):
+            group["params"] = params
+        if k == 0:
+            groups_after = [_entries(group) for group in groups]
+    _set_rng_state(rng_after)
+    _set_buffers(model, buffers_after)
+    for group, after in zip(groups, groups_after, strict=True):
+        group.update(after)
+    for stage, grads in zip(stages, used, strict=True):
+        for p, grad in zip(stage, grads, strict=True):
+            p.grad = grad
     return losses
+
+
+def _rng_state():
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    return [(m, name, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+
+
+def _set_buffers(model: nn.Module, saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    for m, name, value in saved:
+        m._buffers[name] = value.clone()
+
+
+def _entries(group: dict) -> dict:
+    return copy.deepcopy({key: value for key, value in group.items() if key != "params"})

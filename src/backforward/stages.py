@@ -1,75 +1,121 @@
-"""The stage finder: which parameters Backforward updates together, and in what order.
+"""Stages: which parameters Backforward updates together, and in what order.
 
-A stage is the unit that moves in one pass of a Backforward step. By default every
-module that directly owns parameters of the optimizer (its own, not its children's)
-is one stage, and stages are ordered by the first call of their module in the
-forward pass, which can differ from registration order.
+A stage is the unit that moves in one pass of a Backforward step. Only parameters that
+the optimizer holds and that require grad belong to stages; frozen ones never do.
+
+- ``"module"`` (default): every module that directly owns such parameters (its own, not
+  its children's) is one stage. A parameter owned by several modules (tied weights)
+  belongs to the first of them in registration order.
+- ``"child"``: one stage per top-level child of the model (the model's own parameters
+  form a stage of their own); ``"depth:N"`` groups by the first N parts of the owning
+  module's name (``"depth:1"`` is ``"child"``; ``"depth:3"`` on ``encoder.layers.2.linear1``
+  makes one stage per encoder layer).
+- a list of modules or of parameter lists, in forward order.
+
+Named granularities are ordered by **data flow**: by where each stage's parameters first
+enter the computation, read from the autograd graph of a step's first pass (every node
+carries a sequence number in the order the forward pass created it). This differs from
+registration order and from module-call order (an attention module uses its ``out_proj``
+without calling it; a parent may use its own parameter after its children). Stages that
+graph does not use keep registration order, after the others. A reentrant checkpoint
+hides its parameters from the graph; stages are then ordered by the first call of their
+module in the forward pass instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointFunction
+
+Granularity = str  # "module", "child" or "depth:N"
+StageSpec = Granularity | Sequence[nn.Module | Iterable[nn.Parameter]] | None
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: a name for reports, its parameters, and the module that owns them (if any)."""
+    """One stage: a name for reports, its parameters, and the module that owns them (if one does)."""
 
     name: str
     params: tuple[nn.Parameter, ...]
     module: nn.Module | None = None
 
 
-def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-    """The parameters an optimizer holds, in group order."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
 def parameter_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> dotted name, for error messages and reports."""
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    """id(parameter) -> its first dotted name, for error messages and reports."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    return names
 
 
-def default_stages(model: nn.Module, trainable: Iterable[nn.Parameter]) -> list[Stage]:
-    """One stage per module that directly owns a trainable parameter, in registration order."""
-    wanted = {id(p) for p in trainable}
-    stages = []
-    for name, module in model.named_modules():
-        own = tuple(p for p in module.parameters(recurse=False) if id(p) in wanted)
-        if own:
-            stages.append(Stage(name or "(root)", own, module))
+def granularity_depth(spec: Granularity) -> int | None:
+    """None for "module"; the name depth for "child" (1) and "depth:N"; ValueError otherwise."""
+    if spec == "module":
+        return None
+    if spec == "child":
+        return 1
+    if spec.startswith("depth:") and spec[6:].isdigit() and int(spec[6:]) >= 1:
+        return int(spec[6:])
+    raise ValueError(f"stages must be 'module', 'child', 'depth:N' (N >= 1) or a list, not {spec!r}")
+
+
+def find_stages(model: nn.Module, trainable: Sequence[nn.Parameter], spec: StageSpec) -> list[Stage]:
+    """The stages of ``trainable`` (held by the optimizer, requiring grad), checked to cover each once."""
+    names = parameter_names(model)
+    if spec is None or isinstance(spec, str):
+        stages = owned_stages(model, trainable, granularity_depth(spec or "module"))
+    else:
+        stages = explicit_stages(spec, names, trainable)
+    check_stages(stages, trainable, names)
     return stages
 
 
+def owned_stages(model: nn.Module, trainable: Sequence[nn.Parameter], depth: int | None) -> list[Stage]:
+    """Group parameters by owning module (its full name, or its first ``depth`` parts), in registration order."""
+    wanted = {id(p) for p in trainable}
+    groups: dict[str, list[nn.Parameter]] = {}
+    taken: set[int] = set()
+    for name, module in model.named_modules():
+        key = name if depth is None else ".".join(name.split(".")[:depth])
+        for p in module.parameters(recurse=False):
+            if id(p) in wanted and id(p) not in taken:  # a tied parameter goes to its first owner
+                taken.add(id(p))
+                groups.setdefault(key or "(root)", []).append(p)
+    modules = dict(model.named_modules())
+    return [Stage(key, tuple(params), modules[key if key != "(root)" else ""]) for key, params in groups.items()]
+
+
 def explicit_stages(spec: Sequence[nn.Module | Iterable[nn.Parameter]], names: dict[int, str],
-                    trainable: Iterable[nn.Parameter]) -> list[Stage]:
-    """Stages the user gave: modules (all their parameters) or lists of parameters, in the order given."""
+                    trainable: Sequence[nn.Parameter]) -> list[Stage]:
+    """Stages the user gave: modules or lists of parameters, in the order given. Frozen parameters are
+    left out (a stage left with none is dropped); a trainable parameter the optimizer does not hold is an error."""
     wanted = {id(p) for p in trainable}
     stages = []
     for i, item in enumerate(spec):
         if isinstance(item, nn.Module):
             params = tuple(p for p in item.parameters() if id(p) in wanted)
+            name = _common_prefix([names.get(id(p), f"stage{i}") for p in params])
             module = item
         elif isinstance(item, torch.Tensor):
             raise TypeError(f"stage {i} is a single tensor; pass a list of parameters or a module")
         else:
-            params = tuple(item)
-            module = None
-            for p in params:
+            given = tuple(item)
+            for p in given:
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"stage {i} holds a {type(p).__name__}, not a parameter")
-                if id(p) not in wanted:
-                    raise ValueError(f"stage {i} holds parameter {names.get(id(p), tuple(p.shape))!s} "
-                                     "that the optimizer does not hold")
-        if not params:
-            raise ValueError(f"stage {i} holds no parameter of the optimizer")
-        first = names.get(id(params[0]), f"stage{i}")
-        stages.append(Stage(first.rsplit(".", 1)[0] if module is not None else first, params, module))
+                if id(p) not in wanted and p.requires_grad:
+                    raise ValueError(f"stage {i} holds parameter {_name(p, names)} that the optimizer does not hold")
+            params = tuple(p for p in given if id(p) in wanted)
+            name = names.get(id(params[0]), f"stage{i}") if params else ""
+            module = None
+        if params:
+            stages.append(Stage(name or f"stage{i}", params, module))
     return stages
 
 
@@ -79,17 +125,71 @@ def check_stages(stages: Sequence[Stage], trainable: Sequence[nn.Parameter], nam
     for stage in stages:
         for p in stage.params:
             if id(p) in owner:
-                raise ValueError(f"parameter {names.get(id(p), tuple(p.shape))} is claimed by two stages: "
-                                 f"{owner[id(p)]!r} and {stage.name!r} (tied weights need explicit stages)")
+                raise ValueError(f"parameter {_name(p, names)} is claimed by two stages: "
+                                 f"{owner[id(p)]!r} and {stage.name!r}")
             owner[id(p)] = stage.name
     for p in trainable:
         if id(p) not in owner:
-            raise ValueError(f"parameter {names.get(id(p), tuple(p.shape))} is in no stage")
+            raise ValueError(f"parameter {_name(p, names)} is in no stage")
+
+
+def _name(p: torch.Tensor, names: dict[int, str]) -> str:
+    return names.get(id(p), f"of shape {tuple(p.shape)}")
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        prefix.append(column[0])
+    return ".".join(prefix) or "(root)"
+
+
+@dataclass(frozen=True)
+class GraphScan:
+    """What a pass's autograd graph tells before its backward runs."""
+
+    first_use: dict[int, int]   # id(leaf) -> sequence number of the first node that consumes it
+    hides_parameters: bool      # a reentrant checkpoint: its parameters are not edges of the graph
+
+
+def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
+    """Walk the graph from ``roots`` once: first use of each leaf, and whether any node hides leaves."""
+    first: dict[int, int] = {}
+    hides = False
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set = set()  # the nodes themselves: holding them keeps their ids from being reused
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        hides = hides or getattr(node, "_forward_cls", None) is CheckpointFunction
+        order = node._sequence_nr()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                first[id(leaf)] = min(first.get(id(leaf), order), order)
+            else:
+                stack.append(child)
+    return GraphScan(first, hides)
+
+
+def data_flow_order(stages: Sequence[Stage], scan: GraphScan) -> list[int]:
+    """Stage indices sorted by where their parameters first enter the computation; unused ones last."""
+    def first(i: int) -> float:
+        return min((scan.first_use.get(id(p), math.inf) for p in stages[i].params), default=math.inf)
+
+    return sorted(range(len(stages)), key=lambda i: (first(i), i))
 
 
 @contextmanager
 def record_call_order(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Yield a list that fills with the model's modules in order of their first call."""
+    """Yield a list that fills with the model's modules in the order of their first call."""
     called: list[nn.Module] = []
     seen: set[int] = set()
 
@@ -106,9 +206,7 @@ def record_call_order(model: nn.Module) -> Iterator[list[nn.Module]]:
             h.remove()
 
 
-def call_ranking(stages: Sequence[Stage], called: Sequence[nn.Module]) -> list[int]:
-    """Indices of ``stages`` sorted by their module's first call; stages never called keep
-    registration order, after the others."""
+def call_order(stages: Sequence[Stage], called: Sequence[nn.Module]) -> list[int]:
+    """Stage indices sorted by their module's first call; stages never called keep registration order, last."""
     rank = {id(m): i for i, m in enumerate(called)}
-    never = len(called)
-    return sorted(range(len(stages)), key=lambda i: (rank.get(id(stages[i].module), never), i))
+    return sorted(range(len(stages)), key=lambda i: (rank.get(id(stages[i].module), len(called)), i))

@@ -123,7 +123,7 @@ def method_steppers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: floa
             else:
                 def step(bf=bf) -> None:
                     bf.step_batch(x, y, loss_fn)
-            extra = bf.cached_activations
+            extra = bf._held_between_passes
             step()  # the first step finds the stage order; leave it out of the measurement
         steppers[method] = (m, step, extra)
     return steppers
@@ -333,7 +333,8 @@ def format_comm(records: Sequence[CommRecord]) -> str:
     for r in records:
         lines.append(f"{r.model:<12} {r.method:<12}{r.allreduce_calls_per_step:>18.1f}"
                      f"{r.allreduce_bytes_per_step:>14,.0f}{r.parameter_bytes:>17,}")
-    lines.append("Backforward: one all-reduce per pass (n per step) of that stage's gradients plus its 4-byte loss;"
+    lines.append("Backforward: one all-reduce per pass (n per step) of that stage's gradients, its 4-byte loss and a "
+                 "4-byte used flag per parameter tensor;"
                  " DDP: one per gradient bucket.")
     return "\n".join(lines)
 

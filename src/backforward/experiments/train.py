@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..engines import rng_restore, rng_snapshot
 from ..ics import measure_ics
 from ..optimizer import ORDERS, Backforward
+from ..replay import rng_restore, rng_snapshot
 from . import launch
 from .cost import predicted_units, stage_flops
 from .data import Split, load

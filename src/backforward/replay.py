@@ -1,0 +1,185 @@
+"""What every pass of a step replays, and what a failed step puts back.
+
+Every pass of a Backforward step evaluates the same network function at a different
+point: it sees the random numbers (dropout masks), the buffers (running statistics)
+and the base optimizer's group-level state that the step started with. After the step
+they are as after the first pass, as one plain forward and one base step leave them.
+A step that fails puts back everything it started with (``Rollback``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+RngState = tuple[torch.Tensor, list[torch.Tensor] | None]
+
+
+def rng_snapshot() -> RngState:
+    """The CPU generator and, where CUDA is in use, every CUDA generator."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
+
+
+def rng_restore(state: RngState) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+BufferSlot = tuple[nn.Module, str]  # a buffer is found again by its module and name: modules may replace it
+
+
+def buffer_slots(model: nn.Module) -> list[BufferSlot]:
+    return [(module, name) for module in model.modules() for name, b in module._buffers.items() if b is not None]
+
+
+class BufferValues:
+    """The values of a model's buffers at one moment, to put back in place (modules may have replaced them).
+
+    Every buffer is copied: kernels such as batch norm's update running statistics in
+    place without bumping the tensor's version counter, so a change cannot be detected.
+    """
+
+    def __init__(self, slots: Sequence[BufferSlot]):
+        self.slots = slots
+        self.tensors = [module._buffers[name] for module, name in slots]
+        self.values = [t.detach().clone() for t in self.tensors]
+
+    def put_back(self) -> None:
+        with torch.no_grad():
+            for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
+                module._buffers[name] = tensor
+                tensor.copy_(value)
+
+
+class Replay:
+    """Random numbers and buffers: every pass sees the step's start; afterwards, as after the first pass."""
+
+    def __init__(self, slots: Sequence[BufferSlot]):
+        self.slots = slots
+        self.rng_start = rng_snapshot()
+        self.start = BufferValues(slots)
+        self.rng_after: RngState | None = None
+        self.after: BufferValues | None = None
+
+    def before_pass(self, j: int) -> None:
+        if j > 0:
+            rng_restore(self.rng_start)  # the same dropout masks in every pass
+            self.start.put_back()
+
+    def after_pass(self, j: int) -> None:
+        if j == 0:
+            self.rng_after = rng_snapshot()
+            self.after = BufferValues(self.slots)  # running statistics advance with the first pass only
+
+    def finish(self) -> None:
+        assert self.rng_after is not None and self.after is not None
+        rng_restore(self.rng_after)
+        self.after.put_back()
+
+    def rollback(self) -> None:
+        rng_restore(self.rng_start)
+        self.start.put_back()
+
+
+def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
+    return {key: _copy(value) for key, value in group.items() if key != "params"}
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # containers of tensors
+        return False
+
+
+class GroupStateReplay:
+    """The base optimizer's group-level state (schedule-free optimizers count steps in ``param_groups``).
+
+    Each pass's base update sees the entries the step started with, and afterwards they
+    are as after the first pass: one base step per Backforward step. An entry that a
+    later pass would set to another value depends on the gradients the base step saw;
+    such an optimizer cannot be split by stage, and the step raises.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.start = [_group_entries(g) for g in optimizer.param_groups]
+        self.changed: list[list[str]] = [[] for _ in self.start]
+        self.after: list[dict[str, Any]] = []
+
+    def before_update(self, j: int) -> None:
+        if j > 0:
+            self._put(self.start, self.changed)
+
+    def after_update(self, j: int) -> None:
+        groups = self.optimizer.param_groups
+        if j == 0:
+            self.changed = [[key for key in g if key != "params" and not _same(start.get(key), g[key])]
+                            for g, start in zip(groups, self.start, strict=True)]
+            self.after = [{key: _copy(g[key]) for key in keys} for g, keys in zip(groups, self.changed, strict=True)]
+            return
+        for i, (g, keys) in enumerate(zip(groups, self.changed, strict=True)):
+            for key in keys:
+                if not _same(g[key], self.after[i][key]):
+                    raise ValueError(
+                        f"the base optimizer {type(self.optimizer).__name__} sets param_groups[{i}][{key!r}] from the "
+                        "gradients it sees in a step; Backforward updates one stage per pass and cannot split such "
+                        "an optimizer (group-level state must not depend on the gradients)")
+
+    def rollback(self) -> None:
+        keys = [[key for key in {*g, *start} if key != "params"]
+                for g, start in zip(self.optimizer.param_groups, self.start, strict=False)]
+        self._put(self.start, keys)
+
+    def _put(self, values: list[dict[str, Any]], keys: list[list[str]]) -> None:
+        for g, saved, names in zip(self.optimizer.param_groups, values, keys, strict=False):
+            for key in names:
+                if key in saved:
+                    g[key] = _copy(saved[key])
+                else:  # set by the step: it was not there before
+                    g.pop(key, None)
+
+
+class Rollback:
+    """Copies of what a step moves, each taken just before it moves, to undo a step that fails.
+
+    Memory: one more copy of each updated stage's parameters and base-optimizer state,
+    held until the step ends.
+    """
+
+    def __init__(self, state: dict | None):
+        self.state = state
+        self.params: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.states: list[tuple[torch.Tensor, dict | None]] = []
+
+    def save(self, params: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p in params:
+                self.params.append((p, p.detach().clone()))
+                if self.state is not None:
+                    saved = self.state.get(p)
+                    self.states.append((p, None if saved is None else {k: _copy(v) for k, v in saved.items()}))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, value in reversed(self.params):
+                p.copy_(value)
+        if self.state is not None:
+            for p, saved in reversed(self.states):
+                if saved is None:
+                    self.state.pop(p, None)
+                else:
+                    self.state[p] = saved

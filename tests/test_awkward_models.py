@@ -1,0 +1,172 @@
+"""Both entry points against the reference on the models researchers train, over several steps, in float64."""
+
+import copy
+
+import pytest
+import torch
+from awkward import BASES, CASES, Case
+
+from backforward import Backforward, reference_step
+
+
+def backward(loss):
+    loss.backward()
+    return loss
+
+
+def twins(case: Case):
+    """The case's model and a deep copy, with the copy's parameters found by position."""
+    ref = copy.deepcopy(case.model)
+    index = {id(p): i for i, p in enumerate(case.model.parameters())}
+    ref_params = list(ref.parameters())
+
+    def mirror(params):
+        return [ref_params[index[id(p)]] for p in params]
+
+    return ref, mirror
+
+
+def run(case: Case, entry: str, base: str, order: str = "forward"):
+    """Step the engine and the reference side by side; compare everything a step leaves behind."""
+    model, (ref, mirror) = case.model, twins(case)
+    spec = case.spec(model) if case.spec else None
+    engine = Backforward(model, BASES[base](model), stages=spec, order=order)
+    ref_opt = BASES[base](ref)
+    for t, (x, y) in enumerate(case.batches):
+        stages = [mirror(s) for s in case.stages(model, t)]
+        torch.manual_seed(t)
+        ref_losses = reference_step(ref, ref_opt, stages[::-1] if order == "reverse" else stages,
+                                    lambda x=x, y=y: backward(case.loss_fn(ref(x), y)))
+        ref_next = torch.rand(4)
+        torch.manual_seed(t)
+        if entry == "step":
+            engine.step(lambda x=x, y=y: backward(case.loss_fn(model(x), y)))
+        else:
+            engine.step_batch(x, y, case.loss_fn)
+        assert torch.equal(torch.rand(4), ref_next), f"step {t}: random numbers advanced differently"
+        assert engine.last_losses == pytest.approx(ref_losses, rel=1e-12, abs=1e-12), f"step {t}"
+        assert_same_state(model, ref, engine, ref_opt, t)
+    return engine
+
+
+def close(a, b):
+    return a is None and b is None or (a is not None and b is not None
+                                       and torch.allclose(a, b, rtol=1e-10, atol=1e-12, equal_nan=True))
+
+
+def assert_same_state(model, ref, engine, ref_opt, t):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert close(p, q), f"step {t}: parameter {name}"
+        assert close(p.grad, q.grad), f"step {t}: gradient of {name}"
+        assert p.requires_grad == q.requires_grad, name
+        state, ref_state = engine.state.get(p, {}), ref_opt.state.get(q, {})
+        assert state.keys() == ref_state.keys(), f"step {t}: optimizer state of {name}"
+        for key, value in ref_state.items():
+            assert close(torch.as_tensor(state[key]), torch.as_tensor(value)), f"step {t}: {key} of {name}"
+    for (name, b), c in zip(model.named_buffers(), ref.buffers(), strict=True):
+        assert torch.equal(b, c), f"step {t}: buffer {name}"
+    for group, ref_group in zip(engine.param_groups, ref_opt.param_groups, strict=True):
+        assert {k: v for k, v in group.items() if k != "params"} == \
+               {k: v for k, v in ref_group.items() if k != "params"}
+
+
+@pytest.mark.parametrize("entry", ["step", "step_batch"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_awkward_model_equals_reference(name, entry):
+    run(CASES[name](), entry, "momentum")
+
+
+@pytest.mark.parametrize("base", ["adam", "adamw2"])
+@pytest.mark.parametrize("name", ["frozen", "tied", "transformer_train", "batchnorm", "branch"])
+def test_awkward_model_equals_reference_with_adaptive_bases(name, base):
+    run(CASES[name](), "step_batch", base)
+
+
+@pytest.mark.parametrize("name", ["residual", "tied", "transformer_train", "dropout", "buffer_reader"])
+def test_awkward_model_equals_reference_in_reverse_order(name):
+    run(CASES[name](), "step", "momentum", order="reverse")
+
+
+def test_default_stages_follow_data_flow():
+    names = {
+        "logit_scale": ["l1", "l2", "(root)"],
+        "attention": ["attention", "attention.out_proj", "head"],
+        "tied": ["emb", "mid", "head"],
+        "frozen": ["0", "4"],
+        "transformer_train": [f"encoder.layers.0.{n}" for n in
+                              ("self_attn", "self_attn.out_proj", "norm1", "linear1", "linear2", "norm2")] + ["head"],
+    }
+    for name, expected in names.items():
+        engine = run(CASES[name](), "step", "momentum")
+        assert engine.stage_names == expected, name
+
+
+def test_frozen_parameters_never_move_and_get_no_gradient():
+    case = CASES["frozen"]()
+    frozen = case.model[2]
+    stale = torch.ones_like(frozen.weight)
+    frozen.weight.grad = stale  # even a stale gradient on a frozen layer must not move it
+    before = [p.detach().clone() for p in frozen.parameters()]
+    engine = Backforward(case.model, torch.optim.SGD(case.model.parameters(), lr=0.1, weight_decay=0.1))
+    for x, y in case.batches:
+        engine.step_batch(x, y, case.loss_fn)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters(), strict=True))
+    assert frozen.weight.grad is stale and frozen.bias.grad is None
+    assert all(not p.requires_grad for p in frozen.parameters())
+    assert engine.stage_names == ["0", "4"]
+
+
+def test_unfreezing_after_wrapping_adds_a_stage():
+    case = CASES["frozen"]()
+    engine = Backforward(case.model, torch.optim.SGD(case.model.parameters(), lr=0.1))
+    x, y = case.batches[0]
+    engine.step_batch(x, y, case.loss_fn)
+    assert engine.stage_names == ["0", "4"]
+    case.model[2].requires_grad_(True)  # gradual unfreezing
+    before = case.model[2].weight.detach().clone()
+    engine.step_batch(x, y, case.loss_fn)
+    assert engine.stage_names == ["0", "2", "4"]
+    assert not torch.equal(before, case.model[2].weight)
+
+
+def test_unused_stage_gets_no_gradient_and_no_update():
+    case = CASES["unused"]()
+    aux = case.model.aux
+    before = [p.detach().clone() for p in aux.parameters()]
+    engine = Backforward(case.model, torch.optim.AdamW(case.model.parameters(), lr=0.1, weight_decay=0.5))
+    for x, y in case.batches:
+        engine.step(lambda x=x, y=y: backward(case.loss_fn(case.model(x), y)))
+    assert all(torch.equal(a, b) and p.grad is None for a, b, p in zip(before, aux.parameters(), aux.parameters(),
+                                                                         strict=True))
+
+
+def test_transformer_eval_with_padding_runs_the_plain_forward_in_every_pass():
+    """PyTorch's inference fast path (nested tensors) must not be taken in any pass: it is not what a plain
+    training forward computes (padded positions come out as zeros), and it has no backward."""
+    case = CASES["transformer_eval_masked"]()
+    model = case.model
+    seen = []
+    for layer in model.encoder.layers:
+        layer.register_forward_hook(lambda m, a, out: seen.append(out.is_nested or bool((out == 0).all(-1).any())))
+    engine = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = case.batches[0]
+    engine.step(lambda: backward(case.loss_fn(model(x), y)))
+    assert len(seen) == 2 * len(engine.stages) and not any(seen)
+
+
+@pytest.mark.parametrize("entry", ["step", "step_batch"])
+def test_granularity_child_and_depth_equal_reference(entry):
+    case = CASES["transformer_train"]()
+    model = case.model
+    layer = model.encoder.layers[0]
+    for spec, expected in (("child", [[*model.encoder.parameters()], [*model.head.parameters()]]),
+                           ("depth:3", [[*layer.parameters()], [*model.head.parameters()]])):
+        case = CASES["transformer_train"]()
+        model = case.model
+        layer = model.encoder.layers[0]
+        by_hand = {"child": lambda m, t: [[*m.encoder.parameters()], [*m.head.parameters()]],
+                   "depth:3": lambda m, t: [[*m.encoder.layers[0].parameters()], [*m.head.parameters()]]}[spec]
+        case.spec, case.stages = (lambda m, s=spec: s), by_hand
+        engine = run(case, entry, "adam")
+        assert len(engine.stages) == len(expected) == 2
+        assert engine.stage_names == (["encoder", "head"] if spec == "child" else ["encoder.layers.0", "head"])

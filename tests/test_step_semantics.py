@@ -1,0 +1,403 @@
+"""The corners DESIGN §1 defines: clipping, failed steps, hooks, group-level optimizer state, AMP, base checks."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from awkward import CASES
+from conftest import assert_same_params, make
+from torch import nn
+
+from backforward import Backforward, reference_step
+
+F = nn.functional
+
+
+def backward(loss):
+    loss.backward()
+    return loss
+
+
+def linear_params(model):
+    return [list(m.parameters(recurse=False)) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+# ---- gradient clipping: one meaning in every pass ----
+
+def clipped_closure(model, x, y, c):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), c)  # the usual idiom: sees stage k's gradient alone
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("track_ics", [False, True])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_clipping_means_per_stage_norm_whatever_the_meter_stages_or_step(track_ics, explicit):
+    model, _, x, y = make("mlp3")
+    model.double()
+    x = x.double()
+    c = 0.05  # small enough that every stage is clipped
+    ref, by_option = copy.deepcopy(model), copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    stages = linear_params(model) if explicit else None
+    in_closure = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5), stages=stages, track_ics=track_ics)
+    option = Backforward(by_option, torch.optim.SGD(by_option.parameters(), lr=0.5), max_grad_norm=c)
+    for _ in range(3):  # the first step is no different from later ones
+        reference_step(ref, ref_opt, linear_params(ref), lambda: backward(F.cross_entropy(ref(x), y)),
+                       max_grad_norm=c)
+        in_closure.step(clipped_closure(model, x, y, c))
+        option.step_batch(x, y, F.cross_entropy)
+        for p in model.parameters():
+            assert float(p.grad.norm()) <= c * (1 + 1e-6) or p.grad.dim() == 1
+        assert_same_params(model, ref, atol=1e-12)
+        assert_same_params(by_option, ref, atol=1e-12)
+
+
+def test_clipping_by_hand_scales_each_stage_to_the_bound():
+    # One Linear(1, 1, bias=False) stage after another; gradients worked out as in the two-scalar test:
+    # pass 1: dL/dw1 = -1 -> clipped to norm 0.5 -> w1 = 1 + 0.1 * 0.5 = 1.05
+    # pass 2: r' = 1.05 - 2 = -0.95, dL/dw2 = r' * w1' = -0.9975 -> clipped to -0.5 -> w2 = 1.05
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.fill_(1.0)
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 2.0, dtype=torch.float64)
+    opt = Backforward(m, torch.optim.SGD(m.parameters(), lr=0.1), max_grad_norm=0.5)
+    opt.step_batch(x, y, lambda out, target: 0.5 * ((out - target) ** 2).sum())
+    assert m[0].weight.item() == pytest.approx(1.05) and m[1].weight.item() == pytest.approx(1.05)
+
+
+def test_the_ics_meter_never_changes_an_update():
+    for name in ("transformer_train", "batchnorm", "tied"):
+        case = CASES[name]()
+        twin = copy.deepcopy(case.model)
+        plain = Backforward(case.model, torch.optim.Adam(case.model.parameters(), lr=0.01))
+        metered = Backforward(twin, torch.optim.Adam(twin.parameters(), lr=0.01), track_ics=True)
+        for t, (x, y) in enumerate(case.batches):
+            torch.manual_seed(t)
+            plain.step_batch(x, y, case.loss_fn)
+            torch.manual_seed(t)
+            metered.step(lambda x=x, y=y, m=twin, f=case.loss_fn: backward(f(m(x), y)))
+            assert metered.last_report is not None
+        for p, q in zip(case.model.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q), name
+
+
+# ---- a step that fails leaves everything as it was ----
+
+def snapshot(model, opt):
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), torch.get_rng_state(),
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+
+
+def assert_unchanged(before, model, opt):
+    state, opt_state, rng, grads = before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    after = opt.state_dict()
+    assert after["param_groups"] == opt_state["param_groups"]
+    assert after["state"].keys() == opt_state["state"].keys()
+    for i, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(after["state"][i][key]), torch.as_tensor(value)), (i, key)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def failing_closures(model, x, y):
+    """Closures that fail in their second pass, each in its own way."""
+    def nth(fail):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            return fail(len(calls))
+        return closure
+
+    def loss():
+        return F.cross_entropy(model(x), y)
+
+    return {
+        "raises": nth(lambda n: backward(loss()) if n < 2 else (_ for _ in ()).throw(RuntimeError("boom"))),
+        "interrupt": nth(lambda n: backward(loss()) if n < 2 else (_ for _ in ()).throw(KeyboardInterrupt())),
+        "stops calling backward": nth(lambda n: backward(loss()) if n < 2 else loss()),
+        "non-finite loss": nth(lambda n: backward(loss() * (math.inf if n == 2 else 1.0))),
+        "nan in the last pass": nth(lambda n: backward(loss() * (math.nan if n == 3 else 1.0))),
+        "returns no tensor": nth(lambda n: backward(loss()) if n < 2 else backward(loss()).item()),
+    }
+
+
+@pytest.mark.parametrize("name", ["raises", "interrupt", "stops calling backward", "non-finite loss",
+                                  "nan in the last pass", "returns no tensor"])
+def test_failed_step_leaves_everything_as_it_was(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.ReLU(), nn.Linear(6, 5),
+                          nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = Backforward(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)  # state exists, stage order known
+    before = snapshot(model, opt)
+    with pytest.raises((RuntimeError, KeyboardInterrupt, FloatingPointError, TypeError)):
+        opt.step(failing_closures(model, x, y)[name])
+    assert_unchanged(before, model, opt)
+
+
+def test_failed_first_step_removes_the_optimizer_state_it_created():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+    undone = r"non-finite loss inf in pass 2 \(stage 2, '2'\); the step was undone"
+    with pytest.raises(FloatingPointError, match=undone):
+        opt.step(failing_closures(model, x, y)["non-finite loss"])
+    assert_unchanged(before, model, opt)
+    assert len(opt.state) == 0
+
+
+def test_closure_without_backward_or_grad_raises_before_anything_moves():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+
+    def under_no_grad():
+        with torch.no_grad():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="did not call backward"):
+        opt.step(lambda: F.cross_entropy(model(x), y).detach())
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        opt.step(under_no_grad)
+    with pytest.raises(TypeError, match="must return the loss"):
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    assert_unchanged(before, model, opt)
+
+
+def test_without_rollback_a_failed_step_says_earlier_stages_moved():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), rollback=False)
+    first = model[0].weight.detach().clone()
+    with pytest.raises(FloatingPointError, match="stages before it were already updated"):
+        opt.step(failing_closures(model, x, y)["non-finite loss"])
+    assert not torch.equal(first, model[0].weight)
+
+
+# ---- one step, one set of hooks ----
+
+def test_both_entry_points_are_one_step_to_hooks_and_schedulers():
+    model, _, x, y = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.4, momentum=0.9)
+    opt = Backforward(model, base)
+    calls, base_calls = [], []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    base.register_step_post_hook(lambda o, args, kwargs: base_calls.append([len(g["params"]) for g in o.param_groups]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "scheduler.step() before optimizer.step()" would be an error here
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        opt.step_batch(x, y, F.cross_entropy)
+        scheduler.step()
+        opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+        scheduler.step()
+    assert calls == ["pre", "post", "pre", "post"]
+    # The base optimizer steps once per pass, holding that stage's two parameters alone.
+    assert base_calls == [[2], [2], [2]] * 2
+    assert base.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert len(base.param_groups[0]["params"]) == 6
+
+
+# ---- base optimizers with group-level state ----
+
+class CountingSGD(torch.optim.Optimizer):
+    """Keeps its step count in param_groups, as schedule-free optimizers do: lr_t = lr / step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr, "step": 0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] += 1
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad, alpha=group["lr"] / group["step"])
+
+
+class GroupNormSGD(CountingSGD):
+    """Sets a group-level entry from the gradients it sees: cannot be split by stage."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["norm"] = float(sum(p.grad.norm() ** 2 for p in group["params"] if p.grad is not None))
+        super().step()
+
+
+def test_group_level_step_counter_advances_once_per_step():
+    # Two scalar stages as in the hand-worked test, lr 0.2 / step. Step 1 uses lr 0.2 in both passes:
+    # w1 = 1 + 0.2 = 1.2; r' = 1.2 - 2 = -0.8, dL/dw2 = -0.8 * 1.2 = -0.96, w2 = 1 + 0.192 = 1.192.
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.fill_(1.0)
+    x, y = torch.ones(1, 1), torch.full((1, 1), 2.0)
+    base = CountingSGD(m.parameters(), lr=0.2)
+    opt = Backforward(m, base)
+    opt.step_batch(x, y, lambda out, target: 0.5 * ((out - target) ** 2).sum())
+    assert base.param_groups[0]["step"] == 1
+    assert (m[0].weight.item(), m[1].weight.item()) == pytest.approx((1.2, 1.192))
+    opt.step_batch(x, y, lambda out, target: 0.5 * ((out - target) ** 2).sum())
+    assert base.param_groups[0]["step"] == 2
+    ref = copy.deepcopy(m)
+    ref_base = CountingSGD(ref.parameters(), lr=0.2)
+    ref_base.param_groups[0]["step"] = 2
+    with torch.no_grad():
+        ref[0].weight.copy_(m[0].weight)
+        ref[1].weight.copy_(m[1].weight)
+    reference_step(ref, ref_base, [[ref[0].weight], [ref[1].weight]],
+                   lambda: backward(0.5 * ((ref(x) - y) ** 2).sum()))
+    opt.step_batch(x, y, lambda out, target: 0.5 * ((out - target) ** 2).sum())
+    assert_same_params(m, ref)
+    assert ref_base.param_groups[0]["step"] == base.param_groups[0]["step"] == 3
+
+
+def test_group_state_from_gradients_is_refused_and_the_step_undone():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, GroupNormSGD(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"sets param_groups\[0\]\['norm'\] from the gradients"):
+        opt.step_batch(x, y, F.cross_entropy)
+    assert_unchanged(before, model, opt)
+
+
+def test_parameter_group_added_after_wrapping_is_trained():
+    model, _, x, y = make("mlp3")
+    base = torch.optim.SGD([*model[0].parameters(), *model[2].parameters()], lr=0.3)
+    opt = Backforward(model, base)
+    opt.step_batch(x, y, F.cross_entropy)
+    head = [p.detach().clone() for p in model[4].parameters()]
+    base.add_param_group({"params": list(model[4].parameters()), "lr": 0.1})
+    opt.step_batch(x, y, F.cross_entropy)
+    assert opt.stage_names == ["0", "2", "4"]
+    assert all(not torch.equal(a, b) for a, b in zip(head, model[4].parameters(), strict=True))
+    opt.add_param_group({"params": []})  # through the wrapper too: the shared list
+    assert len(base.param_groups) == 3
+
+
+def test_optimizers_that_need_a_closure_are_refused():
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="LBFGS.step needs a closure"):
+        Backforward(model, torch.optim.LBFGS(model.parameters()))
+
+
+def test_model_on_the_meta_device_is_refused_in_one_line():
+    with torch.device("meta"):
+        model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="meta device") as info:
+        Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "\n" not in str(info.value)
+
+
+def test_changing_the_order_between_steps_follows_it():
+    case = CASES["dropout"]()
+    model = case.model
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = case.batches[0]
+    opt.step_batch(x, y, case.loss_fn)
+    opt.order = "reverse"
+    ref = copy.deepcopy(model)
+    torch.manual_seed(5)
+    reference_step(ref, torch.optim.SGD(ref.parameters(), lr=0.1), case.stages(ref, 0)[::-1],
+                   lambda: backward(case.loss_fn(ref(x), y)))
+    torch.manual_seed(5)
+    opt.step_batch(x, y, case.loss_fn)
+    assert_same_params(model, ref, atol=1e-12)
+    opt.order = "sideways"
+    with pytest.raises(ValueError, match="order must be one of"):
+        opt.step_batch(x, y, case.loss_fn)
+
+
+# ---- mixed precision ----
+
+def amp_closure(model, x, y, scaler=None):
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss
+    return closure
+
+
+def test_bfloat16_autocast_equals_reference():
+    model, _, x, y = make("batchnorm")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9))
+    for _ in range(3):
+        reference_step(ref, ref_opt, [list(m.parameters()) for m in ref if list(m.parameters())],
+                       amp_closure(ref, x, y))
+        opt.step(amp_closure(model, x, y))
+    assert_same_params(model, ref, atol=0)
+
+
+def test_grad_scaler_unscales_each_pass_and_skips_steps_with_inf():
+    model, _, x, y = make("mlp3")
+    unscaled = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3), grad_scaler=scaler)
+    plain = Backforward(unscaled, torch.optim.SGD(unscaled.parameters(), lr=0.3))
+    for _ in range(3):  # scaling by a power of two and back is exact
+        opt.step(amp_closure(model, x, y, scaler))
+        scaler.update()
+        plain.step(amp_closure(unscaled, x, y))
+        assert not opt.last_step_skipped
+        assert_same_params(model, unscaled, atol=0)
+    assert scaler.get_scale() == 2.0 ** 11  # grew once after two clean steps
+    before = snapshot(model, opt)[:2]
+    calls = []
+
+    def overflowing():
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (math.inf if len(calls) == 2 else 1.0)).backward()
+        return loss
+
+    opt.step(overflowing)
+    scaler.update()
+    assert opt.last_step_skipped and scaler.get_scale() == 2.0 ** 10
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[0][key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_float16_autocast_with_grad_scaler_equals_unscaled():
+    model, _, x, y = make("dropout")
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3), grad_scaler=scaler)
+    plain = Backforward(twin, torch.optim.SGD(twin.parameters(), lr=0.3))
+
+    def closure(m, s=None):
+        def run():
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = F.cross_entropy(m(x), y)
+            (s.scale(loss) if s is not None else loss).backward()
+            return loss
+        return run
+
+    for t in range(3):
+        torch.manual_seed(t)
+        opt.step(closure(model, scaler))
+        scaler.update()
+        torch.manual_seed(t)
+        plain.step(closure(twin))
+    assert_same_params(model, twin, atol=1e-6)
