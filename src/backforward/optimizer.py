@@ -21,7 +21,7 @@ ORDERS = ("forward", "reverse")
 
 
 class Backforward(torch.optim.Optimizer):
-    r"""Backforward Propagation (Stoica & Simionescu, AAAI 2023) over any base optimizer.
+    r"""Backforward Propagation (Stoica & Simionescu, AAAI 2023) over a base torch optimizer.
 
     The model is split into stages :math:`S_1, \dots, S_n` in forward order. Where a plain
     step computes every gradient at :math:`\theta_t` (Jacobi style), a Backforward step
