@@ -227,7 +227,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
     used: dict[int, list[torch.Tensor | None]] = {}
     measured: dict[int, list[torch.Tensor | None]] = {}
-    losses: list[torch.Tensor] = []
+    losses: torch.Tensor | None = None  # one slot per pass, on the loss's device: no host read in between
     finite_grads: list[torch.Tensor] = []
     skipped = False
     try:
@@ -242,7 +242,10 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             k = gradients.finish(loss)
             replay.after_pass(j)
             stage = stages[k]
-            value = loss.detach().reshape(1).clone()
+            if losses is None:
+                losses = torch.empty(len(stages), dtype=loss.dtype, device=loss.device)
+            value = losses[j:j + 1]
+            value.copy_(loss.detach().reshape(1))
             measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
             if setup.rollback or not keep or setup.grad_scaler is not None:
                 undo.save(stage.params)
@@ -254,9 +257,8 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             used[k] = [p.grad for p in stage.params]
             for p in stage.params:
                 p.grad = None  # later passes and base steps must not see it
-            losses.append(value)
         replay.finish()
-        values = torch.cat(losses) if losses else torch.zeros(0)
+        values = losses if losses is not None else torch.zeros(0)
         skipped = _check_finite(setup, gradients, values, finite_grads)
         if skipped or not keep:
             undo.restore()
@@ -350,9 +352,10 @@ def _check_finite(setup: StepSetup, gradients: StageGradients, losses: torch.Ten
     scaler = setup.grad_scaler
     if not setup.check_finite and scaler is None:
         return False
-    flags = [torch.isfinite(losses).all()] + ([torch.stack(finite_grads).all()] if finite_grads else [])
-    ok = torch.stack(flags).tolist()
-    if all(ok):
+    finite = torch.isfinite(losses).all()
+    if finite_grads:
+        finite = finite & torch.stack(finite_grads).all()
+    if bool(finite):
         return False
     if scaler is not None:
         return True  # as GradScaler.step skips it; scaler.update() then lowers the scale

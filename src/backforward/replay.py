@@ -92,8 +92,15 @@ def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
     return {key: _copy(value) for key, value in group.items() if key != "params"}
 
 
+_IMMUTABLE = (int, float, bool, str, bytes, type(None), complex)
+
+
 def _copy(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, _IMMUTABLE) or (isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value)):
+        return value  # nothing to copy (the common case: lr, betas, flags)
+    return copy.deepcopy(value)
 
 
 def _same(a: Any, b: Any) -> bool:
