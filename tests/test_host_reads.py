@@ -1,0 +1,69 @@
+"""No host-device synchronisation inside a step: nothing reads a tensor's value on the host between passes."""
+
+import pytest
+import torch
+from awkward import CASES
+from conftest import make
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from backforward import Backforward
+
+F = nn.functional
+HOST_READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that copies a tensor's value to the host (a sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def steps(model, x, y):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return {"step": lambda opt: opt.step(closure), "step_batch": lambda opt: opt.step_batch(x, y, F.cross_entropy)}
+
+
+@pytest.mark.parametrize("model_name", ["dropout", "residual", "batchnorm"])  # chain, generic, buffers
+@pytest.mark.parametrize("entry", ["step", "step_batch"])
+def test_a_step_reads_nothing_on_the_host_but_its_one_finiteness_check(model_name, entry):
+    model, _, x, y = make(model_name)
+    run = steps(model, x, y)[entry]
+    for check_finite, expected in ((False, []), (True, ["__bool__"])):
+        opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                          check_finite=check_finite)
+        run(opt)  # the first step reads the stage order from the graph
+        with HostReads() as reads:
+            run(opt)
+            run(opt)
+        assert reads.calls == expected * 2, (check_finite, reads.calls)
+
+
+def test_host_reads_are_seen_by_the_recorder():
+    # The recorder itself works: last_losses converts on access, one tolist.
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)
+    with HostReads() as reads:
+        losses = opt.last_losses
+    assert reads.calls == ["tolist"] and len(losses) == 3
+
+
+def test_the_graph_of_a_transformer_step_is_read_without_host_reads():
+    case = CASES["transformer_train"]()
+    opt = Backforward(case.model, torch.optim.SGD(case.model.parameters(), lr=0.1), check_finite=False)
+    x, y = case.batches[0]
+    opt.step_batch(x, y, case.loss_fn)
+    with HostReads() as reads:
+        opt.step_batch(x, y, case.loss_fn)
+    assert reads.calls == []
