@@ -68,6 +68,7 @@ class StepResult:
     used_grads: dict[int, list[torch.Tensor | None]]      # stage -> G'_k (after averaging, unscaling, clipping)
     measured_grads: dict[int, list[torch.Tensor | None]]  # stage -> G'_k before clipping (for the ICS meter)
     hides_parameters: bool = False           # the first pass's graph held a reentrant checkpoint
+    group_state_changed: bool = False        # the base step changed group-level entries (schedule-free counters)
     skipped: bool = False                    # AMP: gradients held inf or NaN, so the step was undone
 
 
@@ -283,7 +284,8 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
         for p, g in zip(params, grads_before, strict=True):
             p.grad = g
     assert gradients.order is not None
-    return StepResult(values, list(gradients.order), used, measured, gradients.whole, skipped)
+    changed = groups is not None and any(groups.changed)
+    return StepResult(values, list(gradients.order), used, measured, gradients.whole, changed, skipped)
 
 
 def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, meter: bool,

@@ -144,13 +144,9 @@ class Backforward(torch.optim.Optimizer):
             raise TypeError("Backforward.step needs a closure that computes the loss, calls backward() and returns "
                             "the loss, as for torch.optim.LBFGS (or use step_batch); with a GradScaler, pass "
                             "grad_scaler= to Backforward and call step(closure), not scaler.step(optimizer)")
-        plan = self._current_plan()
         if isinstance(closure, _Batch):
-            chain = self._chain(plan)
-            run_pass = (chain.make_pass(closure.inputs, closure.targets, closure.loss_fn) if chain is not None
-                        else batch_pass(self.model, closure.inputs, closure.targets, closure.loss_fn))
-            return self._step(plan, run_pass, follow_graph=chain is None)
-        return self._step(plan, closure_pass(closure), follow_graph=True)
+            return self._run_batch(closure.inputs, closure.targets, closure.loss_fn).losses[0]
+        return self._run(self._current_plan(), closure_pass(closure), follow_graph=True).losses[0]
 
     def step_batch(self, inputs: Any, targets: Any,
                    loss_fn: Callable[[Any, Any], torch.Tensor]) -> torch.Tensor:
@@ -177,7 +173,18 @@ class Backforward(torch.optim.Optimizer):
 
     # ---- the step ----
 
-    def _step(self, plan: _Plan, run_pass: RunPass, follow_graph: bool) -> torch.Tensor:
+    def _run_batch(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor], *,
+                   keep: bool = True, capturing: bool = False) -> StepResult:
+        plan = self._current_plan()
+        chain = self._chain(plan)
+        run_pass = (chain.make_pass(inputs, targets, loss_fn) if chain is not None
+                    else batch_pass(self.model, inputs, targets, loss_fn))
+        return self._run(plan, run_pass, follow_graph=chain is None, keep=keep, capturing=capturing)
+
+    def _run(self, plan: _Plan, run_pass: RunPass, follow_graph: bool, *, keep: bool = True,
+             capturing: bool = False) -> StepResult:
+        """One step (``keep=False``: undone afterwards); ``capturing``: inside a CUDA graph capture, nothing may
+        read the host, so no rollback copy, finiteness check or group-level state replay (``cuda_graphs``)."""
         _check_order(self.order)
         reverse = self.order == "reverse"
         named = self._stage_spec is None or isinstance(self._stage_spec, str)
@@ -187,21 +194,30 @@ class Backforward(torch.optim.Optimizer):
             # Named stages follow this step's data flow, read from its first pass (a fast pass needs it known).
             order=None if named and follow_graph else (forward[::-1] if reverse else forward),
             reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
-            optimizer=self.base_optimizer, start_grads={} if self.track_ics else None,
-            reduce=distributed.grad_averager(self.process_group), grad_scaler=self._scaler(),
-            scaler_views=plan.scaler_views, max_grad_norm=self.max_grad_norm, check_finite=self.check_finite,
-            rollback=self.rollback)
-        result = backforward_step(setup, run_pass)
+            optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
+            reduce=self._reducer(), grad_scaler=self._scaler(), scaler_views=plan.scaler_views,
+            max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
+            rollback=self.rollback and not capturing)
+        result = backforward_step(setup, run_pass, keep=keep)
         in_forward = result.order[::-1] if reverse else result.order
         plan.stages = [setup.stages[k] for k in in_forward]
         plan.ordered = True
         plan.hides_parameters = result.hides_parameters
+        if not keep:
+            return result
         self._last_losses = result.losses
         self.last_step_skipped = result.skipped
         self._check_replicas(plan)
         if self.track_ics:
             self.last_report = _ics_report(setup, result, in_forward)
-        return result.losses[0]
+        return result
+
+    def _group_state_changes(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor]) -> bool:
+        """Whether the base optimizer's step changes group-level entries (a step run and undone to see)."""
+        return self._run_batch(inputs, targets, loss_fn, keep=False).group_state_changed
+
+    def _reducer(self) -> Callable[[list[torch.Tensor]], None] | None:
+        return distributed.grad_averager(self.process_group)
 
     def _scaler(self) -> Any:
         return self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None

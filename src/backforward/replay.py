@@ -20,8 +20,13 @@ RngState = tuple[torch.Tensor, list[torch.Tensor] | None]
 
 
 def rng_snapshot() -> RngState:
-    """The CPU generator and, where CUDA is in use, every CUDA generator."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    """The CPU generator and, where CUDA is in use, every CUDA generator.
+
+    Not the CUDA generators while a CUDA graph is being captured: their state cannot be
+    read or set then, and ``cuda_graphs`` refuses forwards that draw random numbers.
+    """
+    cuda = (torch.cuda.is_available() and torch.cuda.is_initialized()
+            and not torch.cuda.is_current_stream_capturing())
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
 
 
