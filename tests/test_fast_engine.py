@@ -123,3 +123,16 @@ def test_non_chains_fall_back_to_the_generic_engine():
 def _backward(loss):
     loss.backward()
     return loss
+
+
+def test_after_an_inplace_module_changed_a_cached_input_later_steps_keep_copies_and_their_plan():
+    torch.manual_seed(0)
+    model = inplace_block_model()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    bf.step_batch(x, y, F.cross_entropy)  # generic: finds the order
+    bf.step_batch(x, y, F.cross_entropy)  # chain: the in-place dropout changes a cached input; pass 3 recomputes
+    counts = count_calls(model)
+    bf.step_batch(x, y, F.cross_entropy)
+    # Stages at children 0, 1, 2: pass 1 runs all, pass 2 starts at child 0, pass 3 at child 1 (from a copy).
+    assert counts == [2, 3, 3]

@@ -160,3 +160,41 @@ def test_train_logs_per_layer_ics(tmp_path, method):
     assert ics["0"]["grad_shift"] == 0.0
     assert ics["2"]["grad_shift"] > 0 and ics["4"]["grad_shift"] > 0
     assert all(0.0 < v["grad_cosine"] <= 1.0 + 1e-9 for v in ics.values() if not math.isnan(v["grad_cosine"]))
+
+
+def test_first_step_report_follows_data_flow_when_registration_differs():
+    from conftest import make
+
+    model, stages, x, y = make("reordered")  # registers head, mid, stem; computes stem, mid, head
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5), track_ics=True)
+    bf.step_batch(x, y, F.cross_entropy)  # the first step: the order is read during it
+    report = bf.last_report
+    assert report.stage_names == ["stem", "mid", "head"]
+    assert report.grad_shift[0] == 0.0 and report.grad_cosine[0] == pytest.approx(1.0)
+    expected = [float(torch.cat([p.grad.reshape(-1) for p in getattr(plain, n).parameters()]).norm())
+                for n in ("stem", "mid", "head")]
+    assert report.grad_norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_start_gradients_are_averaged_over_processes_like_the_used_ones(monkeypatch):
+    """A stand-in for a second process whose gradients are all zero: averaging halves everything."""
+    import backforward.optimizer as optimizer_module
+
+    def halve(tensors):
+        for t in tensors[:-1]:  # the last tensor says which parameters had a gradient: a sum, kept
+            t.mul_(0.5)
+
+    monkeypatch.setattr(optimizer_module.distributed, "grad_averager", lambda group: halve)
+    model, x, y = mlp3()
+    G = grads_at(model, x, y)
+    start = copy.deepcopy(model)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=1.0), track_ics=True)
+    bf.step_batch(x, y, F.cross_entropy)
+    report = bf.last_report
+    assert report.grad_norm == pytest.approx([0.5 * float(g.norm()) for g in G], rel=1e-5)
+    # Stage 1 moved by lr times the averaged gradient.
+    step = torch.cat([(a - b).reshape(-1) for a, b in zip(start[0].parameters(), model[0].parameters(),
+                                                          strict=True)])
+    torch.testing.assert_close(step, 0.5 * G[0])

@@ -396,3 +396,21 @@ def test_parameters_the_optimizer_does_not_hold_get_no_gradient():
     assert bf.stage_names == ["0", "4"]
     assert all(p.grad is None and p.requires_grad for p in model[2].parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model[2].parameters(), strict=True))
+
+
+@pytest.mark.parametrize("entry", ["step", "step_batch"])
+def test_a_step_returns_the_loss_at_the_point_it_started_from(entry):
+    model, _, x, y = make("dropout")
+    twin, _ = clone(model, [])
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
+    for t in range(2):
+        torch.manual_seed(t)
+        plain = F.cross_entropy(twin(x), y).detach()  # the same dropout masks as the step's first pass
+        torch.manual_seed(t)
+        loss = (bf.step(lambda: _backward(F.cross_entropy(model(x), y))) if entry == "step"
+                else bf.step_batch(x, y, F.cross_entropy))
+        assert float(loss) == pytest.approx(float(plain), rel=1e-6) == bf.last_losses[0]
+        assert bf.last_losses[-1] != pytest.approx(float(plain), rel=1e-6)
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters(), strict=True):
+                p.copy_(q)
