@@ -401,3 +401,192 @@ def test_cuda_float16_autocast_with_grad_scaler_equals_unscaled():
         torch.manual_seed(t)
         plain.step(closure(twin))
     assert_same_params(model, twin, atol=1e-6)
+
+
+def test_default_stages_with_a_reentrant_checkpoint_are_refused_before_anything_moves():
+    case = CASES["checkpoint_reentrant"]()
+    model = case.model
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+    x, y = case.batches[0]
+    with pytest.raises(ValueError, match="reentrant checkpoint .* pass stages=") as info:
+        opt.step_batch(x, y, case.loss_fn)
+    assert "\n" not in str(info.value)
+    assert_unchanged(before, model, opt)
+
+
+# ---- closures researchers write, and resuming ----
+
+def small_mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return m, torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+
+
+def against_reference(model, closure_for, steps=2, lr=0.2, **kwargs):
+    """``closure_for(m, opt)`` builds the closure for model m; engine and reference must agree."""
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.5)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.5), **kwargs)
+    stages = [list(m.parameters(recurse=False)) for m in ref.modules() if list(m.parameters(recurse=False))]
+    for _ in range(steps):
+        reference_step(ref, ref_opt, stages, closure_for(ref, ref_opt))
+        opt.step(closure_for(model, opt))
+    assert_same_params(model, ref, atol=1e-12)
+    return opt
+
+
+def test_clip_grad_value_in_the_closure_with_an_unused_stage():
+    case = CASES["unused"]()
+
+    def closure_for(m, opt):
+        def closure():
+            opt.zero_grad()
+            x, y = case.batches[0]
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(m.parameters(), 0.05)  # fails on a list of no gradients
+            return loss
+        return closure
+
+    against_reference(case.model, closure_for)
+
+
+def test_input_gradients_through_backward_for_adversarial_examples():
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            xi = x.clone().requires_grad_(True)
+            F.cross_entropy(m(xi), y).backward()
+            adversarial = (x + 0.1 * xi.grad.sign()).detach()
+            opt.zero_grad()
+            loss = F.cross_entropy(m(adversarial), y)
+            loss.backward()
+            return loss
+        return closure
+
+    against_reference(model, closure_for)
+
+
+def test_a_closure_may_name_its_own_backward_inputs_or_set_gradients_by_hand():
+    for mode in ("inputs", "by hand"):
+        model, x, y = small_mlp()
+
+        def closure_for(m, opt, mode=mode, x=x, y=y):
+            def closure():
+                loss = F.cross_entropy(m(x), y)
+                if mode == "inputs":
+                    loss.backward(inputs=list(m.parameters()))
+                else:
+                    for p, g in zip(m.parameters(), torch.autograd.grad(loss, list(m.parameters())), strict=True):
+                        p.grad = g
+                return loss
+            return closure
+
+        against_reference(model, closure_for)
+
+
+def test_a_closure_that_sets_the_learning_rate():
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            for group in opt.param_groups:
+                group["lr"] = 0.05  # a manual warm-up
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    opt = against_reference(model, closure_for)
+    assert opt.param_groups[0]["lr"] == 0.05
+
+
+def test_a_step_inside_no_grad_still_trains():
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    ref = copy.deepcopy(model)
+    reference_step(ref, torch.optim.SGD(ref.parameters(), lr=0.2), [list(ref[i].parameters()) for i in (0, 2, 4)],
+                   closure_for(ref, None))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.2))
+    with torch.no_grad():
+        opt.step(closure_for(model, opt))
+    assert_same_params(model, ref, atol=1e-12)
+
+
+def test_unscaling_in_the_closure_is_refused_with_what_to_do_instead():
+    model, _, x, y = make("mlp3")
+    scaler = torch.amp.GradScaler("cpu")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_scaler=scaler)
+    before = snapshot(model, opt)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        return loss
+
+    with pytest.raises(RuntimeError, match="do not call scaler.unscale_.*max_grad_norm"):
+        opt.step(closure)
+    assert_unchanged(before, model, opt)
+
+
+def test_resuming_through_the_base_optimizer_keeps_scheduler_and_state_shared():
+    model, x, y = small_mlp()
+    base = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt = Backforward(model, base)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1)
+    opt.step_batch(x, y, F.cross_entropy)
+    base.load_state_dict(base.state_dict())  # resuming a checkpoint replaces the base's groups and state
+    opt.step_batch(x, y, F.cross_entropy)
+    scheduler.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    assert len(opt.state_dict()["state"]) == len(list(model.parameters()))
+
+
+def test_a_model_that_modifies_its_input_in_place_sees_the_same_batch_in_every_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    stages = [list(ref[i].parameters()) for i in (1, 3, 5)]
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    for t in range(3):
+        torch.manual_seed(t)
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x.clone()), y)))
+        torch.manual_seed(t)
+        opt.step_batch(x.clone(), y, F.cross_entropy)
+        assert_same_params(model, ref, atol=1e-12)
+
+
+def test_explicit_stages_are_checked_alike_and_read_once():
+    model, x, y = small_mlp()
+    other = nn.Linear(3, 3)
+    opt_head_unheld = torch.optim.SGD([*model[0].parameters(), *model[2].parameters()], lr=0.1)
+    with pytest.raises(ValueError, match="that the optimizer does not hold"):
+        Backforward(model, opt_head_unheld, stages=[model[0], model[2], model[4]])
+    with pytest.raises(ValueError, match="not the model's"):
+        Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=[model[0], model[2], model[4], other])
+    # Generators of parameters are read once: unfreezing later finds the stages again.
+    model[2].requires_grad_(False)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      stages=[model[0].parameters(), model[2].parameters(), model[4].parameters()])
+    opt.step_batch(x, y, F.cross_entropy)
+    model[2].requires_grad_(True)
+    opt.step_batch(x, y, F.cross_entropy)
+    assert opt.stage_names == ["0.weight", "2.weight", "4.weight"]
+    blocks = nn.ModuleList([model[0], model[2]])
+    named = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=[blocks, model[4]])
+    assert named.stage_names == ["0+2", "4"]  # an unregistered container: the modules it holds

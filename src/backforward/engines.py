@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
-from .replay import BufferSlot, GroupStateReplay, Replay, Rollback
-from .stages import Stage, call_order, data_flow_order, record_call_order, scan_graph
+from .replay import BufferSlot, GroupStateReplay, InputValues, Replay, Rollback
+from .stages import Stage, data_flow_order, scan_graph
 
 _autograd_backward = torch.autograd.backward  # the real one, while a closure runs with it intercepted
 
@@ -46,7 +47,9 @@ class StepSetup:
     order: list[int] | None                 # stage index updated in each pass; None: data flow, read in pass 1
     update: Callable[[Stage], None]         # moves one stage with its parameters' .grad
     buffers: Sequence[BufferSlot]
-    record_calls: bool = False              # with order None: note module calls in pass 1 (a graph may hide stages)
+    parameters: frozenset[int] = frozenset()  # ids of every parameter of the model (other leaves are the user's)
+    inputs: Sequence[torch.Tensor] = ()     # step_batch's tensors: put back if the model modifies them in place
+    copy_inputs: bool = False               # keep a copy of them to put back
     unheld: Sequence[nn.Parameter] = ()     # trainable parameters outside every stage: they get no gradient
     reverse: bool = False                   # with order None: update the last stage first
     optimizer: torch.optim.Optimizer | None = None  # its state and group-level state roll back with the step
@@ -67,21 +70,22 @@ class StepResult:
     order: list[int]                         # the stage each pass updated
     used_grads: dict[int, list[torch.Tensor | None]]      # stage -> G'_k (after averaging, unscaling, clipping)
     measured_grads: dict[int, list[torch.Tensor | None]]  # stage -> G'_k before clipping (for the ICS meter)
-    hides_parameters: bool = False           # the first pass's graph held a reentrant checkpoint
     group_state_changed: bool = False        # the base step changed group-level entries (schedule-free counters)
+    inputs_modified: bool = False            # the model modified step_batch's input in place
     skipped: bool = False                    # AMP: gradients held inf or NaN, so the step was undone
 
 
 class StageGradients:
     """Which leaves each pass's backward computes, and what the closure then sees: stage k's gradient alone.
 
-    The backward of pass k is restricted to stage k's parameters (``inputs=``): autograd
-    computes no other weight gradient and prunes everything below stage k, without
-    touching any ``requires_grad`` flag (flags change which kernels the forward runs).
-    Two cases compute more and move it aside before the closure can see it: the first
-    pass with the ICS meter (G at θ_t for every stage), and a graph with a reentrant
-    checkpoint, whose parameters are not edges of the graph (the whole backward runs, as
-    in a plain step, and parameters the optimizer does not hold keep their gradients).
+    The backward of pass k is restricted (``inputs=``) to stage k's parameters and to any
+    tensor the user made require grad that is not a model parameter (an input for an
+    adversarial example): autograd computes no other weight gradient and prunes
+    everything below, without touching any ``requires_grad`` flag (flags change which
+    kernels the forward runs). What a backward computes beyond that (the meter's pass, a
+    reentrant checkpoint, a closure's own ``inputs=``) is moved aside before the closure
+    can see it. A stage the forward does not use shows zero gradients to the closure
+    (some torch utilities fail on a list of none) and gets no update.
     """
 
     def __init__(self, setup: StepSetup):
@@ -89,11 +93,13 @@ class StageGradients:
         self.order = setup.order
         self.reverse = setup.reverse
         self.unheld = setup.unheld
+        self.parameters = setup.parameters
         self.start_grads = setup.start_grads
-        self.called: list[nn.Module] = []  # modules in order of first call in pass 1, where recorded
         self.j = 0
         self.calls = 0
-        self.whole = False
+        self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
+        self.user_leaves = False    # the closure backpropagates to tensors of its own: scan every call
+        self.placeholders: set[int] = set()
 
     def begin(self, j: int) -> None:
         self.j, self.calls = j, 0
@@ -110,27 +116,30 @@ class StageGradients:
         return f"pass {self.j + 1} (stage {forward.index(self.k) + 1}, {self.stages[self.k].name!r})"
 
     def backward(self, tensors: Any, grad_tensors: Any = None, retain_graph: bool | None = None,
-                 create_graph: bool = False) -> None:
-        """One backward call of the current pass, computing what the pass needs."""
+                 create_graph: bool = False, inputs: Any = None) -> None:
+        """One backward call of the current pass, computing what the pass needs (or the caller's ``inputs``)."""
         roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
         roots = [t for t in roots if isinstance(t, torch.Tensor)]
         if not any(t.requires_grad for t in roots):
             raise RuntimeError(f"the loss does not require grad in {self.where()}: it was computed under "
                                "torch.no_grad(), detached, or from no trainable parameter")
-        inputs = self._inputs(roots)
-        kept = [(p, p.grad) for p in self.unheld] if inputs is None else []
-        _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=inputs)
+        if inputs is None:
+            wanted = self._inputs(roots)
+        else:  # the closure names its own inputs: computed as asked, then other stages' set aside
+            self._read_graph(roots)
+            wanted = inputs
+        kept = [(p, p.grad) for p in self.unheld] if wanted is None else []
+        _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
         for p, g in kept:
             p.grad = g
-        if inputs is None or self._meter_pass():
-            self._set_aside_other_stages()
+        self._show_stage_k_alone()
 
     @contextmanager
     def intercepting_backward(self) -> Iterator[None]:
         """While a closure runs, its ``backward()`` calls go through ``self.backward``.
 
-        Calls that name their own ``inputs``, calls from other threads and calls made
-        inside a backward (a reentrant checkpoint's recomputation) pass through unchanged.
+        Calls from other threads and calls made inside a backward (a reentrant checkpoint's
+        recomputation) pass through unchanged.
         """
         original = torch.autograd.backward
         thread = threading.get_ident()
@@ -140,11 +149,11 @@ class StageGradients:
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None,
                      inputs=None):
             nonlocal busy
-            if busy or inputs is not None or grad_variables is not None or threading.get_ident() != thread:
+            if busy or grad_variables is not None or threading.get_ident() != thread:
                 return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
             busy = True
             try:
-                self.backward(tensors, grad_tensors, retain_graph, create_graph)
+                self.backward(tensors, grad_tensors, retain_graph, create_graph, inputs)
             finally:
                 busy = False
 
@@ -161,38 +170,71 @@ class StageGradients:
                             f"in {self.where()}")
         if loss.numel() != 1:
             raise ValueError(f"the loss must be a scalar; got shape {tuple(loss.shape)} in {self.where()}")
-        if self.calls == 0:
-            raise RuntimeError(f"the closure did not call backward() in {self.where()}")
+        if self.calls == 0:  # gradients set by hand (torch.autograd.grad), or none at all
+            if not any(p.grad is not None for s in self.stages for p in s.params):
+                raise RuntimeError(f"the closure did not call backward() in {self.where()}")
+            if self.order is None:
+                if not loss.requires_grad:
+                    raise RuntimeError("the stage order is read from the loss's graph: return the loss undetached "
+                                       "or pass stages=[...] in forward order")
+                self._read_graph([loss])
+            self.calls = 1
+            self._show_stage_k_alone()
+        for p in self.stages[self.k].params:
+            if id(p.grad) in self.placeholders:
+                p.grad = None  # an unused stage: no gradient, no update
+        self.placeholders.clear()
         return self.k
 
     def _meter_pass(self) -> bool:
         return self.j == 0 and self.start_grads is not None
 
-    def _inputs(self, roots: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        if self.j == 0 and self.calls == 0:
-            scan = scan_graph(roots)
+    def _read_graph(self, roots: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Scan the graph where needed: the stage order (first call of the step) and tensors of the user's."""
+        first = self.j == 0 and self.calls == 0
+        self.calls += 1
+        if not (first or self.user_leaves):
+            return []
+        scan = scan_graph(roots)
+        if first:
             self.whole = scan.hides_parameters
             if self.order is None:
-                hidden = scan.hides_parameters and self.called
-                forward = call_order(self.stages, self.called) if hidden else data_flow_order(self.stages, scan)
+                if scan.hides_parameters:
+                    raise ValueError("a reentrant checkpoint (torch.utils.checkpoint with use_reentrant=True) hides "
+                                     "its parameters from the autograd graph, so their data-flow order cannot be "
+                                     "read: pass stages=[...] in forward order, or use use_reentrant=False")
+                forward = data_flow_order(self.stages, scan)
                 self.order = forward[::-1] if self.reverse else forward
-        self.calls += 1
+        own = [leaf for key, leaf in scan.leaves.items() if key not in self.parameters]
+        self.user_leaves = self.user_leaves or bool(own)
+        return own
+
+    def _inputs(self, roots: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        own = self._read_graph(roots)
         if self.whole:
             return None
         if self._meter_pass():
-            return [p for s in self.stages for p in s.params]
-        return list(self.stages[self.k].params)
+            return [p for s in self.stages for p in s.params] + own
+        return [*self.stages[self.k].params, *own]
 
-    def _set_aside_other_stages(self) -> None:
+    def _show_stage_k_alone(self) -> None:
         meter = self._meter_pass()
+        k = self.k
         for i, stage in enumerate(self.stages):
-            if i == self.k:
+            if i == k:
                 continue
             for p in stage.params:
-                if meter and self.start_grads is not None and p.grad is not None:
+                if p.grad is None:
+                    continue
+                if meter and self.start_grads is not None:
                     held = self.start_grads.get(id(p))
                     self.start_grads[id(p)] = p.grad if held is None else held + p.grad
                 p.grad = None
+        mine = self.stages[k].params
+        if all(p.grad is None for p in mine):
+            for p in mine:
+                p.grad = torch.zeros_like(p)
+                self.placeholders.add(id(p.grad))
 
 
 def closure_pass(closure: Callable[[], torch.Tensor]) -> RunPass:
@@ -223,7 +265,8 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     for p in params:
         p.grad = None  # gradients left from before the step are not part of it
     gradients = StageGradients(setup)
-    replay = Replay(setup.buffers)
+    inputs = InputValues(setup.inputs, setup.copy_inputs) if setup.inputs else None
+    replay = Replay(setup.buffers, inputs)
     undo = Rollback(setup.optimizer.state if setup.optimizer is not None else None)
     groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
     used: dict[int, list[torch.Tensor | None]] = {}
@@ -235,10 +278,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
         for j in range(len(stages)):
             replay.before_pass(j)
             gradients.begin(j)
-            if j == 0 and setup.order is None and setup.record_calls:
-                with record_call_order(setup.model) as gradients.called:
-                    loss = run_pass(j, gradients)
-            else:
+            with torch.enable_grad():  # as LBFGS runs its closure: a step inside no_grad() still trains
                 loss = run_pass(j, gradients)
             k = gradients.finish(loss)
             replay.after_pass(j)
@@ -285,7 +325,8 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             p.grad = g
     assert gradients.order is not None
     changed = groups is not None and any(groups.changed)
-    return StepResult(values, list(gradients.order), used, measured, gradients.whole, changed, skipped)
+    return StepResult(values, list(gradients.order), used, measured, changed,
+                      inputs is not None and inputs.modified, skipped)
 
 
 def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, meter: bool,
@@ -307,6 +348,7 @@ def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, met
     if setup.reduce is not None:
         _average(setup.reduce, stage.params, loss, others)
     if setup.grad_scaler is not None:
+        _refuse_unscaled_by_the_closure(setup)
         setup.grad_scaler.unscale_(setup.scaler_views[id(stage)])
         present = [p.grad for p in stage.params if p.grad is not None]
         if present:
@@ -327,6 +369,15 @@ def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, met
         if present:
             torch.nn.utils.clip_grad_norm_(present, setup.max_grad_norm)
     return grads
+
+
+def _refuse_unscaled_by_the_closure(setup: StepSetup) -> None:
+    """``scaler.unscale_(optimizer)`` in the closure would unscale twice: say so instead."""
+    ours = {id(view) for view in setup.scaler_views.values()}
+    states = getattr(setup.grad_scaler, "_per_optimizer_states", {})
+    if any(key not in ours and state.get("stage") is not OptState.READY for key, state in states.items()):
+        raise RuntimeError("with grad_scaler=, Backforward unscales each pass's gradients itself: do not call "
+                           "scaler.unscale_() or scaler.step() in the closure; clip with max_grad_norm=")
 
 
 def _average(reduce: Callable[[list[torch.Tensor]], None], params: Sequence[nn.Parameter],

@@ -16,7 +16,7 @@ from torch import nn
 
 from .engines import StepSetup, backforward_step, closure_pass
 from .replay import buffer_slots
-from .stages import Stage, StageSpec, find_stages
+from .stages import Stage, StageSpec, find_stages, parameter_names
 
 
 @dataclass
@@ -79,7 +79,7 @@ def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float
 
     named = stages is None or isinstance(stages, str)
     setup = StepSetup(model=model, stages=found, order=None if named else list(range(len(found))),
-                      record_calls=True, update=plain_sgd_step,
+                      parameters=frozenset(parameter_names(model)), update=plain_sgd_step,
                       buffers=buffer_slots(model), start_grads=plain, check_finite=False)
     result = backforward_step(setup, closure_pass(closure), keep=False)
     forward = result.order

@@ -14,7 +14,7 @@ from . import distributed
 from .chain import ChainEngine
 from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass
 from .ics import ICSReport, gradient_shift
-from .replay import buffer_slots
+from .replay import InputModified, buffer_slots
 from .stages import Stage, StageSpec, find_stages, parameter_names
 
 ORDERS = ("forward", "reverse")
@@ -113,16 +113,35 @@ class Backforward(torch.optim.Optimizer):
         self.last_report: ICSReport | None = None
         self.last_step_skipped = False
         self._last_losses = torch.zeros(0)
-        self._stage_spec = stages
+        # Lists of parameters are read once: a generator would be empty when stages are found again.
+        self._stage_spec = stages if stages is None or isinstance(stages, str) else [
+            item if isinstance(item, (nn.Module, torch.Tensor)) else list(item) for item in stages]
         self._plan: _Plan | None = None
         self._check_held(optimizer.param_groups)
         self._current_plan()  # bad stages raise here, before any step
-        self._shared = False
+        self._initialising = True
         super().__init__([p for g in optimizer.param_groups for p in g["params"]], dict(optimizer.defaults))
-        self._shared = True
-        # Share, don't copy: schedulers and checkpoints then see one set of groups and state.
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
+        self._initialising = False
+
+    # The base optimizer's groups and state, always (also after base.load_state_dict replaced them):
+    # schedulers and checkpoints see one set. Optimizer.__init__'s own assignments are ignored.
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        if not self._initialising:
+            self.base_optimizer.param_groups = groups
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        if not self._initialising:
+            self.base_optimizer.state = state
 
     @property
     def stages(self) -> list[Stage]:
@@ -159,17 +178,13 @@ class Backforward(torch.optim.Optimizer):
         return [t for chain in (plan.chains.values() if plan else ()) if chain for t in chain.cached_activations()]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not getattr(self, "_shared", False):  # Optimizer.__init__ builds the (discarded) initial groups
-            super().add_param_group(param_group)
+        if self._initialising:  # Optimizer.__init__ adding the base optimizer's groups again
             return
-        self.base_optimizer.add_param_group(param_group)  # the shared list: stages are found again next step
+        self.base_optimizer.add_param_group(param_group)  # stages are found again next step
         self._check_held(self.base_optimizer.param_groups)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The base class replaces param_groups and state; re-share the base optimizer's.
         self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
 
     # ---- the step ----
 
@@ -179,10 +194,15 @@ class Backforward(torch.optim.Optimizer):
         chain = self._chain(plan)
         run_pass = (chain.make_pass(inputs, targets, loss_fn) if chain is not None
                     else batch_pass(self.model, inputs, targets, loss_fn))
-        return self._run(plan, run_pass, follow_graph=chain is None, keep=keep, capturing=capturing)
+        tensors = _tensors(inputs)
+        result = self._run(plan, run_pass, follow_graph=chain is None, keep=keep, capturing=capturing,
+                           inputs=tensors)
+        if tensors and not capturing:
+            plan.inputs_modified = result.inputs_modified or (plan.inputs_modified is True)
+        return result
 
     def _run(self, plan: _Plan, run_pass: RunPass, follow_graph: bool, *, keep: bool = True,
-             capturing: bool = False) -> StepResult:
+             capturing: bool = False, inputs: Sequence[torch.Tensor] = ()) -> StepResult:
         """One step (``keep=False``: undone afterwards); ``capturing``: inside a CUDA graph capture, nothing may
         read the host, so no rollback copy, finiteness check or group-level state replay (``cuda_graphs``)."""
         _check_order(self.order)
@@ -190,19 +210,23 @@ class Backforward(torch.optim.Optimizer):
         named = self._stage_spec is None or isinstance(self._stage_spec, str)
         forward = list(range(len(plan.stages)))
         setup = StepSetup(
-            model=self.model, stages=list(plan.stages), record_calls=plan.hides_parameters is not False,
+            model=self.model, stages=list(plan.stages), parameters=plan.parameters,
             # Named stages follow this step's data flow, read from its first pass (a fast pass needs it known).
             order=None if named and follow_graph else (forward[::-1] if reverse else forward),
             reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
             reduce=self._reducer(), grad_scaler=self._scaler(), scaler_views=plan.scaler_views,
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
-            rollback=self.rollback and not capturing)
-        result = backforward_step(setup, run_pass, keep=keep)
+            rollback=self.rollback and not capturing, inputs=inputs,
+            copy_inputs=plan.inputs_modified is not False and not capturing)
+        try:
+            result = backforward_step(setup, run_pass, keep=keep)
+        except InputModified:
+            plan.inputs_modified = None  # found out without a copy to put back: keep one from now on
+            raise
         in_forward = result.order[::-1] if reverse else result.order
         plan.stages = [setup.stages[k] for k in in_forward]
         plan.ordered = True
-        plan.hides_parameters = result.hides_parameters
         if not keep:
             return result
         self._last_losses = result.losses
@@ -247,7 +271,8 @@ class Backforward(torch.optim.Optimizer):
             unheld = [p for p in self.model.parameters() if p.requires_grad and id(p) not in held]
             ordered = not (self._stage_spec is None or isinstance(self._stage_spec, str))
             self._plan = _Plan(key, stages, ordered, unheld, StageUpdate(self.base_optimizer, stages),
-                               {id(s): _GradView(s.params) for s in stages})
+                               {id(s): _GradView(s.params) for s in stages},
+                               frozenset(parameter_names(self.model)))
         return self._plan
 
     def _check_held(self, groups: list[dict[str, Any]]) -> None:
@@ -308,8 +333,9 @@ class _Plan:
     unheld: list[nn.Parameter]              # trainable model parameters the optimizer does not hold
     update: StageUpdate
     scaler_views: dict[int, _GradView]
+    parameters: frozenset[int]              # ids of every parameter of the model
+    inputs_modified: bool | None = None     # whether the model modifies step_batch's input (None: not known yet)
     chains: dict[tuple, ChainEngine | None] = field(default_factory=dict)
-    hides_parameters: bool | None = None    # a reentrant checkpoint seen by the last step (None: no step yet)
 
 
 def _ics_report(setup: StepSetup, result: StepResult, in_forward: Sequence[int]) -> ICSReport:
@@ -320,6 +346,17 @@ def _ics_report(setup: StepSetup, result: StepResult, in_forward: Sequence[int])
     losses = result.losses.tolist()
     return ICSReport([setup.stages[k].name for k in in_forward], [losses[result.order.index(k)] for k in in_forward],
                      [m[0] for m in measured], [m[1] for m in measured], [m[2] for m in measured])
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a batch: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
 
 
 def _check_order(order: str) -> None:

@@ -23,8 +23,9 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     order; finding them is not part of the definition. ``closure`` computes the loss, calls
     ``backward()`` and returns the loss.
 
-    - Every pass sees the random numbers, buffers and group-level optimizer state the step
-      started with; afterwards they are as after the first pass.
+    - Every pass sees the random numbers and buffers the step started with, and the base
+      optimizer's step the group-level entries it set itself (schedule-free step counts)
+      as before its first call; afterwards all are as after the first pass.
     - In pass k the base optimizer steps over stage k's parameters alone, with the gradient
       of this pass (clipped to ``max_grad_norm`` by stage k's own norm). Nothing else moves
       or gets a gradient: frozen parameters, and parameters the optimizer does not hold,
@@ -37,9 +38,10 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     others = [(p, p.grad) for p in model.parameters() if id(p) not in in_stages]
     rng_start = _rng_state()
     buffers_start = _buffers(model)
-    groups_start = [_entries(group) for group in groups]
     used = []
     losses = []
+    before_step: list[dict] = []  # group entries before the first base step
+    own_after: list[dict] = []    # the entries that step changed, as it left them
     for k, stage in enumerate(stages):
         _set_rng_state(rng_start)
         _set_buffers(model, buffers_start)
@@ -58,18 +60,28 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in stage if p.grad is not None], max_grad_norm)
         used.append([p.grad for p in stage])
+        if k == 0:
+            before_step = [_entries(group) for group in groups]
+        else:  # what the base step set in pass 1, set back
+            for group, before, after in zip(groups, before_step, own_after, strict=True):
+                for key in after:
+                    if key in before:
+                        group[key] = copy.deepcopy(before[key])
+                    else:
+                        del group[key]
         full = [group["params"] for group in groups]
-        for group, start in zip(groups, groups_start, strict=True):
-            group.update(copy.deepcopy(start))
+        for group in groups:
             group["params"] = [p for p in group["params"] if any(p is q for q in stage)]
         optimizer.step()
         for group, params in zip(groups, full, strict=True):
             group["params"] = params
-        if k == 0:
-            groups_after = [_entries(group) for group in groups]
+        if k == 0:  # the entries the base step itself changed, as it left them
+            own_after = [{key: value for key, value in _entries(group).items()
+                          if key not in before or not _equal(before[key], value)}
+                         for group, before in zip(groups, before_step, strict=True)]
     _set_rng_state(rng_after)
     _set_buffers(model, buffers_after)
-    for group, after in zip(groups, groups_after, strict=True):
+    for group, after in zip(groups, own_after, strict=True):
         group.update(after)
     for stage, grads in zip(stages, used, strict=True):
         for p, grad in zip(stage, grads, strict=True):
@@ -95,6 +107,12 @@ def _buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
 def _set_buffers(model: nn.Module, saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
     for m, name, value in saved:
         m._buffers[name] = value.clone()
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def _entries(group: dict) -> dict:

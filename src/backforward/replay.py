@@ -63,11 +63,42 @@ class BufferValues:
                 tensor.copy_(value)
 
 
-class Replay:
-    """Random numbers and buffers: every pass sees the step's start; afterwards, as after the first pass."""
+class InputModified(RuntimeError):
+    """The model modified step_batch's input in place where no copy was kept to put it back."""
 
-    def __init__(self, slots: Sequence[BufferSlot]):
+
+class InputValues:
+    """A batch the model may modify in place (``nn.Dropout(inplace=True)`` first): put back before each pass.
+
+    A copy is kept only where asked (``keep``): the first step, to find out, and every step of
+    a model found to modify its input.
+    """
+
+    def __init__(self, inputs: Sequence[torch.Tensor], keep: bool):
+        self.inputs = inputs
+        self.versions = [t._version for t in inputs]
+        self.copies = [t.detach().clone() for t in inputs] if keep else None
+        self.modified = False
+
+    def put_back(self) -> None:
+        for i, t in enumerate(self.inputs):
+            if t._version == self.versions[i]:
+                continue
+            self.modified = True
+            if self.copies is None:
+                raise InputModified("the model modified its input in place in this step, which it had not done "
+                                   "before; the step was undone: run it again (the input is now copied each step)")
+            with torch.no_grad():
+                t.copy_(self.copies[i])
+            self.versions[i] = t._version
+
+
+class Replay:
+    """Random numbers, buffers and the batch: every pass sees the step's start; afterwards, as after the first."""
+
+    def __init__(self, slots: Sequence[BufferSlot], inputs: InputValues | None = None):
         self.slots = slots
+        self.inputs = inputs
         self.rng_start = rng_snapshot()
         self.start = BufferValues(slots)
         self.rng_after: RngState | None = None
@@ -77,6 +108,8 @@ class Replay:
         if j > 0:
             rng_restore(self.rng_start)  # the same dropout masks in every pass
             self.start.put_back()
+            if self.inputs is not None:
+                self.inputs.put_back()
 
     def after_pass(self, j: int) -> None:
         if j == 0:
@@ -118,34 +151,40 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class GroupStateReplay:
-    """The base optimizer's group-level state (schedule-free optimizers count steps in ``param_groups``).
+    """The base optimizer's own group-level state (schedule-free optimizers count steps in ``param_groups``).
 
-    Each pass's base update sees the entries the step started with, and afterwards they
-    are as after the first pass: one base step per Backforward step. An entry that a
-    later pass would set to another value depends on the gradients the base step saw;
-    such an optimizer cannot be split by stage, and the step raises.
+    The entries the base step itself changes (seen around the first pass's base step) are
+    set back before each later pass's base step, and end as after the first pass's: one
+    base step per Backforward step. An entry that a later pass would set to another value
+    depends on the gradients the base step saw; such an optimizer cannot be split by
+    stage, and the step raises. Entries the closure or a hook sets are the user's, left alone.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self.start = [_group_entries(g) for g in optimizer.param_groups]
-        self.changed: list[list[str]] = [[] for _ in self.start]
+        self.start = [_group_entries(g) for g in optimizer.param_groups]  # for a rollback
+        self.before: list[dict[str, Any]] = []
+        self.changed: list[list[str]] = []
         self.after: list[dict[str, Any]] = []
 
     def before_update(self, j: int) -> None:
-        if j > 0:
-            self._put(self.start, self.changed)
+        if j == 0:
+            self.before = [_group_entries(g) for g in self.optimizer.param_groups]
+        else:
+            self._put(self.before, self.changed)
 
     def after_update(self, j: int) -> None:
         groups = self.optimizer.param_groups
         if j == 0:
-            self.changed = [[key for key in g if key != "params" and not _same(start.get(key), g[key])]
-                            for g, start in zip(groups, self.start, strict=True)]
-            self.after = [{key: _copy(g[key]) for key in keys} for g, keys in zip(groups, self.changed, strict=True)]
+            self.changed = [[key for key in {*g, *before} if key != "params" and not _same(before.get(key, _MISSING),
+                                                                                           g.get(key, _MISSING))]
+                            for g, before in zip(groups, self.before, strict=True)]
+            self.after = [{key: _copy(g[key]) for key in keys if key in g}
+                          for g, keys in zip(groups, self.changed, strict=True)]
             return
         for i, (g, keys) in enumerate(zip(groups, self.changed, strict=True)):
             for key in keys:
-                if not _same(g[key], self.after[i][key]):
+                if not _same(g.get(key, _MISSING), self.after[i].get(key, _MISSING)):
                     raise ValueError(
                         f"the base optimizer {type(self.optimizer).__name__} sets param_groups[{i}][{key!r}] from the "
                         "gradients it sees in a step; Backforward updates one stage per pass and cannot split such "
@@ -163,6 +202,9 @@ class GroupStateReplay:
                     g[key] = _copy(saved[key])
                 else:  # set by the step: it was not there before
                     g.pop(key, None)
+
+
+_MISSING = object()
 
 
 class Rollback:

@@ -18,15 +18,13 @@ carries a sequence number in the order the forward pass created it). This differ
 registration order and from module-call order (an attention module uses its ``out_proj``
 without calling it; a parent may use its own parameter after its children). Stages that
 graph does not use keep registration order, after the others. A reentrant checkpoint
-hides its parameters from the graph; stages are then ordered by the first call of their
-module in the forward pass instead.
+hides its parameters from the graph: a step then needs explicit stages.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +37,10 @@ StageSpec = Granularity | Sequence[nn.Module | Iterable[nn.Parameter]] | None
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: a name for reports, its parameters, and the module that owns them (if one does)."""
+    """One stage: a name for reports and its parameters."""
 
     name: str
     params: tuple[nn.Parameter, ...]
-    module: nn.Module | None = None
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
@@ -71,7 +68,7 @@ def find_stages(model: nn.Module, trainable: Sequence[nn.Parameter], spec: Stage
     if spec is None or isinstance(spec, str):
         stages = owned_stages(model, trainable, granularity_depth(spec or "module"))
     else:
-        stages = explicit_stages(spec, names, trainable)
+        stages = explicit_stages(model, spec, names, trainable)
     check_stages(stages, trainable, names)
     return stages
 
@@ -87,35 +84,41 @@ def owned_stages(model: nn.Module, trainable: Sequence[nn.Parameter], depth: int
             if id(p) in wanted and id(p) not in taken:  # a tied parameter goes to its first owner
                 taken.add(id(p))
                 groups.setdefault(key or "(root)", []).append(p)
-    modules = dict(model.named_modules())
-    return [Stage(key, tuple(params), modules[key if key != "(root)" else ""]) for key, params in groups.items()]
+    return [Stage(key, tuple(params)) for key, params in groups.items()]
 
 
-def explicit_stages(spec: Sequence[nn.Module | Iterable[nn.Parameter]], names: dict[int, str],
-                    trainable: Sequence[nn.Parameter]) -> list[Stage]:
-    """Stages the user gave: modules or lists of parameters, in the order given. Frozen parameters are
-    left out (a stage left with none is dropped); a trainable parameter the optimizer does not hold is an error."""
+def explicit_stages(model: nn.Module, spec: Sequence[nn.Module | Iterable[nn.Parameter]],
+                    names: dict[int, str], trainable: Sequence[nn.Parameter]) -> list[Stage]:
+    """Stages the user gave: modules or lists of parameters, in the order given.
+
+    Frozen parameters are left out (a stage left with none is dropped); a trainable
+    parameter that the optimizer does not hold, or that is not the model's, is an error.
+    """
     wanted = {id(p) for p in trainable}
+    module_names = {id(m): name for name, m in model.named_modules()}
     stages = []
     for i, item in enumerate(spec):
-        if isinstance(item, nn.Module):
-            params = tuple(p for p in item.parameters() if id(p) in wanted)
-            name = _common_prefix([names.get(id(p), f"stage{i}") for p in params])
-            module = item
-        elif isinstance(item, torch.Tensor):
+        if isinstance(item, torch.Tensor):
             raise TypeError(f"stage {i} is a single tensor; pass a list of parameters or a module")
+        given = tuple(item.parameters()) if isinstance(item, nn.Module) else tuple(item)
+        for p in given:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"stage {i} holds a {type(p).__name__}, not a parameter")
+            if id(p) not in names:
+                raise ValueError(f"stage {i} holds a parameter of shape {tuple(p.shape)} that is not the model's")
+            if id(p) not in wanted and p.requires_grad:
+                raise ValueError(f"stage {i} holds parameter {_name(p, names)} that the optimizer does not hold")
+        params = tuple(p for p in given if id(p) in wanted)
+        if not params:
+            continue
+        if isinstance(item, nn.Module):
+            registered = module_names.get(id(item))  # "" is the model itself
+            owners = list(dict.fromkeys(names[id(p)].rpartition(".")[0] or "(root)" for p in params))
+            unregistered = _common_prefix([names[id(p)] for p in params]) or "+".join(owners)
+            name = (registered or "(root)") if registered is not None else unregistered
         else:
-            given = tuple(item)
-            for p in given:
-                if not isinstance(p, torch.Tensor):
-                    raise TypeError(f"stage {i} holds a {type(p).__name__}, not a parameter")
-                if id(p) not in wanted and p.requires_grad:
-                    raise ValueError(f"stage {i} holds parameter {_name(p, names)} that the optimizer does not hold")
-            params = tuple(p for p in given if id(p) in wanted)
-            name = names.get(id(params[0]), f"stage{i}") if params else ""
-            module = None
-        if params:
-            stages.append(Stage(name or f"stage{i}", params, module))
+            name = names[id(params[0])]
+        stages.append(Stage(name or f"stage{i}", params))
     return stages
 
 
@@ -144,20 +147,22 @@ def _common_prefix(names: Sequence[str]) -> str:
         if len(set(column)) != 1:
             break
         prefix.append(column[0])
-    return ".".join(prefix) or "(root)"
+    return ".".join(prefix)
 
 
 @dataclass(frozen=True)
 class GraphScan:
     """What a pass's autograd graph tells before its backward runs."""
 
-    first_use: dict[int, int]   # id(leaf) -> sequence number of the first node that consumes it
-    hides_parameters: bool      # a reentrant checkpoint: its parameters are not edges of the graph
+    first_use: dict[int, int]          # id(leaf) -> sequence number of the first node that consumes it
+    leaves: dict[int, torch.Tensor]    # id(leaf) -> the leaf: every tensor this backward could accumulate into
+    hides_parameters: bool             # a reentrant checkpoint: its parameters are not edges of the graph
 
 
 def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
     """Walk the graph from ``roots`` once: first use of each leaf, and whether any node hides leaves."""
     first: dict[int, int] = {}
+    leaves: dict[int, torch.Tensor] = {}
     hides = False
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     seen: set = set()  # the nodes themselves: holding them keeps their ids from being reused
@@ -174,9 +179,10 @@ def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
             leaf = getattr(child, "variable", None)
             if leaf is not None:
                 first[id(leaf)] = min(first.get(id(leaf), order), order)
+                leaves[id(leaf)] = leaf
             else:
                 stack.append(child)
-    return GraphScan(first, hides)
+    return GraphScan(first, leaves, hides)
 
 
 def data_flow_order(stages: Sequence[Stage], scan: GraphScan) -> list[int]:
@@ -186,27 +192,3 @@ def data_flow_order(stages: Sequence[Stage], scan: GraphScan) -> list[int]:
 
     return sorted(range(len(stages)), key=lambda i: (first(i), i))
 
-
-@contextmanager
-def record_call_order(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Yield a list that fills with the model's modules in the order of their first call."""
-    called: list[nn.Module] = []
-    seen: set[int] = set()
-
-    def note(module: nn.Module, _inputs: object) -> None:
-        if id(module) not in seen:
-            seen.add(id(module))
-            called.append(module)
-
-    handles = [m.register_forward_pre_hook(note) for m in model.modules()]
-    try:
-        yield called
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def call_order(stages: Sequence[Stage], called: Sequence[nn.Module]) -> list[int]:
-    """Stage indices sorted by their module's first call; stages never called keep registration order, last."""
-    rank = {id(m): i for i, m in enumerate(called)}
-    return sorted(range(len(stages)), key=lambda i: (rank.get(id(stages[i].module), len(called)), i))
