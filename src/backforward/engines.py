@@ -132,7 +132,8 @@ class StageGradients:
         _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
         for p, g in kept:
             p.grad = g
-        self._show_stage_k_alone()
+        # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
+        self._show_stage_k_alone(others=wanted is None or inputs is not None or self._meter_pass())
 
     @contextmanager
     def intercepting_backward(self) -> Iterator[None]:
@@ -179,7 +180,7 @@ class StageGradients:
                                        "or pass stages=[...] in forward order")
                 self._read_graph([loss])
             self.calls = 1
-            self._show_stage_k_alone()
+            self._show_stage_k_alone(others=True)
         for p in self.stages[self.k].params:
             if id(p.grad) in self.placeholders:
                 p.grad = None  # an unused stage: no gradient, no update
@@ -217,10 +218,11 @@ class StageGradients:
             return [p for s in self.stages for p in s.params] + own
         return [*self.stages[self.k].params, *own]
 
-    def _show_stage_k_alone(self) -> None:
+    def _show_stage_k_alone(self, others: bool) -> None:
+        """Move other stages' gradients aside (into G for the meter); a stage with none shows zeros."""
         meter = self._meter_pass()
         k = self.k
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages if others else ()):
             if i == k:
                 continue
             for p in stage.params:
