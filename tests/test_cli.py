@@ -121,7 +121,7 @@ def test_every_option_has_help_and_shows_its_default_and_choices():
             default = action.default
             if action.option_strings and default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
                 shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
-                assert f"(default: {shown})" in " ".join(text.split()), f"{prog} {action.option_strings[0]}"
+                assert f"(default: {shown}" in " ".join(text.split()), f"{prog} {action.option_strings[0]}"
     train_help = " ".join(dict(subcommands())["backforward train"].format_help().split())
     for expected in ("--method {sgd,backforward}", "--order {forward,reverse}", "--schedule {constant,cosine}",
                      "learning rate (default: 0.05)", "(default: 30)", "--seed SEED fixes the initial weights and "

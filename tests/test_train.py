@@ -125,17 +125,17 @@ def test_a_second_writer_exits_2_naming_the_process_that_holds_the_run(tmp_path,
                                              (signal.SIGINT, 130, "interrupted")])
 def test_sigterm_and_ctrl_c_keep_the_epochs_mark_the_run_and_say_how_to_resume(tmp_path, sig, code, said):
     run = tmp_path / "run"
-    proc = start_train(run, epochs=20)
+    proc = start_train(run)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     done = len(read_metrics(run))
-    assert err.strip().splitlines()[-1] == (f"backforward: {said} after {done} of 20 epochs; "
+    assert err.strip().splitlines()[-1] == (f"backforward: {said} after {done} of 200 epochs; "
                                             "run the same command with --resume to continue")
     assert "Traceback" not in err
     assert read_status(run) == {"status": "interrupted", "epochs": done}
-    assert main(["train", *TINY, "--epochs", "20", "--out", str(run), "--resume"]) == 0
-    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 21))
+    assert main(["train", *TINY, "--epochs", str(done + 1), "--out", str(run), "--resume"]) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, done + 2))
 
 
 def snapshot(folder):

@@ -326,13 +326,14 @@ def add_experiment_options(p: argparse.ArgumentParser, quick_help: str) -> None:
                         "same settings)")
     add_data_dir(p)
     p.add_argument("--jobs", type=positive(int), default=default_jobs(),
-                   help="runs in parallel, each with cores/jobs torch threads (the default: this machine's cores)")
+                   help="runs in parallel, each with cores/jobs torch threads (default: %(default)s, this machine's "
+                        "cores)")
     p.set_defaults(after_interrupt="run the same command again to continue (finished runs are kept)")
 
 
 def add_reproduce(sub) -> None:
     p = command(sub, "reproduce", "the paper's experiments", "toy, Figure 1, weight norms and a decaying lr, "
-                "several seeds each, and a claims table with computed verdicts, in OUT/REPORT.md")
+                "several seeds each, and a claims table with computed verdicts, in --out's REPORT.md")
     add_experiment_options(p, "fewer seeds and epochs (under 3 minutes on 2 cores)")
     p.set_defaults(run=cmd_reproduce)
 
