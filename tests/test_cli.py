@@ -98,7 +98,7 @@ def test_every_bad_argument_is_one_line_and_exit_2(paths, tmp_path, capsys, args
 def test_device_cuda_on_a_cpu_build_is_one_line(tmp_path, capsys):
     assert main(["train", "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == ("backforward train: error: argument --device: device 'cuda' is not usable "
-                                       "here: Torch not compiled with CUDA enabled\n")
+                                       f"here: this torch ({torch.__version__}) was built without CUDA\n")
 
 
 def subcommands(parser=None, prefix="backforward"):

@@ -136,15 +136,24 @@ def usable_device(name: str) -> torch.device:
         device = torch.device(name)
         if device.type == "meta":
             raise ValueError("a meta tensor holds no data to train")
-        torch.empty(1, device=device)
-    except Exception as e:  # RuntimeError for unknown names, AssertionError for a torch built without CUDA
+        if device.type == "cuda":  # checked without touching a GPU: under torchrun each rank has its own
+            if not torch.cuda.is_available():
+                raise ValueError(f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda
+                                 is None else "no CUDA GPU is visible")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        else:
+            torch.empty(1, device=device)
+    except Exception as e:  # RuntimeError for unknown names and devices this torch lacks
         raise ValueError(f"device {name!r} is not usable here: {_first_line(e)}") from None
     return device
 
 
 def _first_line(e: BaseException) -> str:
+    """An exception's message, short: its first line, and of a long line its first sentence."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0] if len(line) > 200 else line
 
 
 def build_model(config: TrainConfig) -> nn.Sequential:
