@@ -62,7 +62,7 @@ def test_bench_records_and_the_memory_bound():
 def test_bench_command_json(tmp_path, capsys):
     plot = tmp_path / "bench.png"
     assert main(["bench", "--steps", "1", "--warmup", "0", "--depths", "1", "--width", "8",
-                 "--batch-size", "4", "--no-cnn", "--json", "--plot", str(plot)]) == 0
+                 "--batch-size", "4", "--no-cnn", "--json", "--out", str(tmp_path)]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {tuple(sorted(r)) for r in rows} == {("depth", "method", "model", "ms_per_step", "predicted_ratio",
                                                  "ratio_to_sgd", "saved_bytes")}

@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 
@@ -61,8 +62,8 @@ def torchrun(*args, nproc=2):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("method", ["sgd", "backforward"])
-def test_torchrun_train_equals_single_process_and_resumes(tmp_path, method):
+@pytest.mark.parametrize("method, resume_on", [("sgd", 2), ("backforward", 1)])
+def test_torchrun_train_equals_single_process_and_resumes(tmp_path, method, resume_on):
     args = ["train", "--method", method, "--hidden", "32", "--depth", "2", "--lr", "0.1"]
     single = tmp_path / "single"
     subprocess.run([*CLI, *args, "--epochs", "3", "--out", str(single)], check=True,
@@ -70,7 +71,9 @@ def test_torchrun_train_equals_single_process_and_resumes(tmp_path, method):
     multi = tmp_path / "multi"
     result = torchrun(*args, "--epochs", "2", "--out", str(multi))
     assert result.returncode == 0, result.stderr[-2000:]
-    result = torchrun(*args, "--epochs", "3", "--out", str(multi), "--resume")  # one more epoch, resumed
+    # One more epoch, resumed on 2 processes, or on 1: equal to float tolerance either way.
+    resume = torchrun if resume_on == 2 else lambda *a: subprocess.run([*CLI, *a], capture_output=True, text=True)
+    result = resume(*args, "--epochs", "3", "--out", str(multi), "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = read_metrics(single), read_metrics(multi)
     assert [m["epoch"] for m in b] == [1, 2, 3]
@@ -78,13 +81,23 @@ def test_torchrun_train_equals_single_process_and_resumes(tmp_path, method):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "weight_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
     assert json.loads((multi / "status.json").read_text())["status"] == "done"
-    assert len(list(multi.iterdir())) == 4  # only rank 0 wrote: config, metrics, checkpoint, status
+    # only rank 0 wrote: config, metrics, checkpoint, status, and the lock it held
+    assert sorted(p.name for p in multi.iterdir()) == [".lock", "checkpoint.pt", "config.json", "metrics.jsonl",
+                                                       "status.json"]
 
 
 def test_torchrun_rejects_a_batch_that_does_not_split(tmp_path):
     result = torchrun("train", "--batch-size", "127", "--epochs", "1", "--out", str(tmp_path / "r"))
     assert result.returncode != 0
     assert "not divisible by 2 processes" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+def test_torchrun_bad_argument_exits_2_from_every_rank_in_one_line(tmp_path):
+    result = torchrun("train", "--device", "cuda", "--epochs", "1", "--out", str(tmp_path / "r"))
+    said = "backforward train: error: argument --device: device 'cuda' is not usable here"
+    assert result.stderr.count(said) == 2  # one line from each rank
+    assert re.findall(r"exitcode +: (-?\d+)", result.stderr) == ["2", "2"]  # torchrun's summary of the ranks
 
 
 def test_bench_distributed_counts_one_all_reduce_per_pass():

@@ -6,8 +6,6 @@ import pytest
 
 from backforward.experiments.report import FAILS, HOLDS, UNSURE, better, compare, mean_ci, similar, toy_verdict
 from backforward.experiments.reproduce import ReproduceConfig, reproduce
-from backforward.experiments.sweep import Run, run_all
-from backforward.experiments.train import TrainConfig
 
 
 def test_mean_ci_by_hand():
@@ -40,16 +38,6 @@ def test_compare_pairs_by_seed():
         compare("c", "m", [0.5], [0.6, 0.7])
 
 
-def test_run_all_skips_finished_runs(tmp_path):
-    runs = [Run(f"r{s}", TrainConfig(epochs=1, hidden=8, seed=s)) for s in range(2)]
-    first = run_all(runs, tmp_path, jobs=1)
-    stamp = (tmp_path / "runs" / "r0" / "metrics.jsonl").stat().st_mtime_ns
-    (tmp_path / "runs" / "r1" / "status.json").unlink()  # as if r1 was interrupted before finishing
-    second = run_all(runs, tmp_path, jobs=1)
-    assert (tmp_path / "runs" / "r0" / "metrics.jsonl").stat().st_mtime_ns == stamp
-    assert [m["val_acc"] for m in second["r1"]] == [m["val_acc"] for m in first["r1"]]
-
-
 def test_reproduce_writes_report_figures_and_computed_verdicts(tmp_path):
     cfg = ReproduceConfig(seeds=2, epochs=2, toy_seeds=2, hidden=16)
     report = reproduce(tmp_path, jobs=2, cfg=cfg)
@@ -61,13 +49,4 @@ def test_reproduce_writes_report_figures_and_computed_verdicts(tmp_path):
     assert len(rows) == 11
     assert all(any(f"**{v}**" in row for v in (HOLDS, FAILS, UNSURE)) for row in rows)
     assert len(list((tmp_path / "runs").iterdir())) == 2 * 4 * 2
-
-
-def test_runs_that_start_from_another_run_wait_for_it(tmp_path):
-    from backforward.experiments.sweep import _waves
-
-    pre = Run("pre", TrainConfig())
-    tuned = Run("tuned", TrainConfig(init_from=str(tmp_path / "runs" / "pre")))
-    other = Run("other", TrainConfig(seed=1))
-    assert _waves([tuned, pre, other]) == [[pre, other], [tuned]]
-    assert _waves([tuned]) == [[tuned]]  # its source already finished
+    assert "Settings of the 16 runs read" in text and "epochs 2, batch_size 128, hidden 16" in text

@@ -1,19 +1,53 @@
-"""The ``backforward`` command line: toy, train, reproduce, study, bench, data download.
+"""The backforward command line: toy, train, reproduce, study, bench, data.
 
-Errors a user can fix (bad arguments, bad data files) print one line and exit with
-status 2; a diverged training run exits with status 3.
+Whatever goes wrong that a user can fix (an argument, a data file, a run folder, a full or
+read-only disk) prints one line and exits with status 2; see EXIT_STATUS for the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 REPORT_DIR = "runs/report"  # reproduce and the studies add their sections to one report
+BENCH_DIR = "runs/bench"
+EXIT_STATUS = """exit status:
+  0    done (also: --resume of a run that had already finished)
+  1    a worker process was killed from outside (kill -9, out of memory); rerun to resume
+  2    bad arguments, data or files, a run folder in use or holding other settings,
+       a full or read-only disk: one line says which
+  3    a run diverged (its finished epochs are kept)
+  130  Ctrl-C, 143 SIGTERM: finished epochs are kept; rerun (train: with --resume) to continue"""
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (``backforward train: error: argument --lr: ...``), exit 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's default after its help, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "%(default)" not in text and default is not None and default is not False
+                and default != argparse.SUPPRESS
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+# ---- argument types: each rejects a bad value at parse time, in one line ----
 
 def number(kind: Callable, accept: Callable[[float], bool], rule: str) -> Callable[[str], object]:
     """An argparse type: ``kind(text)`` that must satisfy ``accept``, else a message stating ``rule``."""
@@ -21,8 +55,9 @@ def number(kind: Callable, accept: Callable[[float], bool], rule: str) -> Callab
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not accept(value):
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not (math.isfinite(value) and accept(value)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
@@ -34,47 +69,98 @@ def positive(kind: Callable) -> Callable[[str], object]:
     return number(kind, lambda v: v > 0, "positive")
 
 
-non_negative_int = number(int, lambda v: v >= 0, "0 or more")
+def non_negative(kind: Callable) -> Callable[[str], object]:
+    return number(kind, lambda v: v >= 0, "0 or more")
 
+
+def output_folder(text: str) -> str:
+    """A folder to write into: it may not exist yet, but it must not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
+def data_folder(text: str) -> str:
+    """A folder of MNIST IDX files (checked file by file when loaded)."""
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give the folder that holds the four IDX files")
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return text
+
+
+def run_folder(text: str) -> str:
+    """The folder of a finished ``train`` run, to start from its model."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder" if not Path(text).exists()
+                                         else f"{text} is a file, not a run folder")
+    if not (Path(text) / "checkpoint.pt").is_file():
+        raise argparse.ArgumentTypeError(f"{text} holds no checkpoint.pt (not a run folder, or a run that "
+                                         "never finished an epoch)")
+    return text
+
+
+def device(text: str) -> str:
+    from .train import usable_device
+
+    try:
+        usable_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=data_folder, default=None, metavar="DIR",
+                   help="full MNIST: a folder with the four IDX files, plain or .gz (default: the 5,000 "
+                        "embedded digits)")
+
+
+# ---- commands ----
 
 def add_toy(sub) -> None:
-    p = sub.add_parser("toy", help="the paper's toy experiment: one step at lr 1.0 on 4 digits, many seeds")
-    p.add_argument("--seeds", type=positive(int), default=20)
-    p.add_argument("--batch-size", type=positive(int), default=4)
-    p.add_argument("--hidden", type=positive(int), default=256)
-    p.add_argument("--lr", type=positive(float), default=1.0)
+    p = command(sub, "toy", "the paper's toy experiment", "one step at lr 1.0 on a batch of 4 digits, SGD vs "
+                "Backforward from the same start, over many seeds")
+    p.add_argument("--seeds", type=positive(int), default=20, help="seeds (each picks the batch and the weights)")
+    p.add_argument("--batch-size", type=positive(int), default=4, help="digits in the batch")
+    p.add_argument("--hidden", type=positive(int), default=256, help="hidden width of the MLP")
+    p.add_argument("--lr", type=positive(float), default=1.0, help="learning rate of the one step")
     p.add_argument("--zero-tol", type=positive(float), default=0.01, help="a loss below this counts as ~0")
-    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
+    add_data_dir(p)
     p.set_defaults(run=cmd_toy)
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .data import load
+    from .progress import Progress
     from .toy import ToyConfig, format_toy, run_toy, summarize_toy
 
     config = ToyConfig(seeds=args.seeds, batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
                        zero_tol=args.zero_tol)
     data = load(args.data_dir)
-    with tqdm(total=config.seeds, desc="toy", unit="seed", disable=not sys.stderr.isatty()) as bar:
+    if config.batch_size > len(data.y_train):
+        return fail(f"batch-size {config.batch_size} exceeds the {len(data.y_train)} training samples")
+    with Progress(config.seeds, "toy", unit="seed") as bar:
         trials = run_toy(data, config, bar)
     print(format_toy(summarize_toy(trials, config.zero_tol), config))
     return 0
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="step time and memory: sgd, the paper's loop, generic and fast engines")
+    p = command(sub, "bench", "step time and memory against the cost model", "SGD, the paper's loop, and the "
+                "generic and fast engines on MNIST-shaped random batches; the met/MISS lines check the targets")
     p.add_argument("--threads", type=positive(int), default=1,
-                   help="torch threads (default 1, so ratios measure work, not threading)")
-    p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (median)")
-    p.add_argument("--warmup", type=non_negative_int, default=3)
+                   help="torch threads (1, so that ratios measure work, not threading)")
+    p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (their median counts)")
+    p.add_argument("--warmup", type=non_negative(int), default=3, help="untimed steps first")
     p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8], help="MLP hidden layers")
-    p.add_argument("--width", type=positive(int), default=512)
-    p.add_argument("--batch-size", type=positive(int), default=128)
+    p.add_argument("--width", type=positive(int), default=512, help="MLP hidden width")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="samples per step")
     p.add_argument("--no-cnn", action="store_true", help="leave out the small CNN")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
-    p.add_argument("--plot", default="bench.png", help="where to write the step-time-vs-depth figure")
+    p.add_argument("--out", type=output_folder, default=BENCH_DIR, metavar="DIR",
+                   help="folder for the figure bench.png")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
     p.add_argument("--profile", action="store_true",
                    help="instead: where a plain SGD step of each model spends CPU time (torch.profiler)")
     p.add_argument("--distributed", action="store_true",
@@ -87,9 +173,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     import torch
-    from tqdm import tqdm
 
     from .bench import bench_model, default_suite, format_table, plot, records_as_dicts
+    from .progress import Progress
 
     torch.set_num_threads(args.threads)
     if args.distributed:
@@ -106,38 +192,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"{name}: plain SGD step, {args.threads} thread(s)\n{profile_sgd_step(model, x, y)}")
         return 0
     records = []
-    with tqdm(total=len(suite) * (args.steps + args.warmup), desc="bench", unit="round",
-              disable=not sys.stderr.isatty()) as bar:
+    with Progress(len(suite) * (args.steps + args.warmup), "bench", unit="round") as bar:
         for name, depth, model, x, y in suite:
             records += bench_model(name, depth, model, x, y, args.steps, args.warmup, progress=bar)
     print(json.dumps(records_as_dicts(records), indent=1) if args.json else format_table(records, args.threads))
-    if args.plot:
-        plot(records, args.plot)
-        print(f"figure: {args.plot}", file=sys.stderr)
+    if not args.no_plot:
+        figure = Path(args.out) / "bench.png"
+        plot(records, figure)
+        print(f"figure: {figure}", file=sys.stderr)
     return 0
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="one resumable training run; metrics.jsonl and checkpoints in --out")
-    p.add_argument("--method", default="sgd", help="sgd or backforward")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--depth", type=int, default=1, help="hidden layers")
-    p.add_argument("--seed", type=int, default=0)
+    from ..optimizer import ORDERS
+    from .train import METHODS, SCHEDULES
+
+    p = command(sub, "train", "one resumable training run", "the run folder --out gets config.json (the settings "
+                "and their identity), metrics.jsonl (a line per epoch), checkpoint.pt and status.json; one process "
+                "writes into a folder at a time")
+    p.add_argument("--method", choices=METHODS, default="sgd", help="the optimizer's step")
+    p.add_argument("--lr", type=positive(float), default=0.05, help="learning rate")
+    p.add_argument("--epochs", type=positive(int), default=30, help="epochs (the one setting --resume may raise)")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="samples per step (the last partial "
+                                                                           "batch is dropped)")
+    p.add_argument("--hidden", type=positive(int), default=256, help="hidden width")
+    p.add_argument("--depth", type=positive(int), default=1, help="hidden layers")
+    p.add_argument("--seed", type=non_negative(int), default=0, help="fixes the initial weights and batch order")
     p.add_argument("--batchnorm", action="store_true", help="BatchNorm after each hidden Linear")
-    p.add_argument("--order", default="forward", help="Backforward stage order: forward or reverse")
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", default="constant", help="constant or cosine (decays to 0)")
-    p.add_argument("--switch-epoch", type=int, default=0, help="Backforward for N epochs, then SGD")
-    p.add_argument("--init-from", default=None, help="start from the final model of this run directory")
+    p.add_argument("--order", choices=ORDERS, default="forward",
+                   help="Backforward's stage order (reverse keeps the shift)")
+    p.add_argument("--momentum", type=non_negative(float), default=0.0, help="SGD momentum")
+    p.add_argument("--weight-decay", type=non_negative(float), default=0.0, help="SGD weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning rate schedule (cosine decays to 0 over the run)")
+    p.add_argument("--switch-epoch", type=non_negative(int), default=0, metavar="N",
+                   help="with --method backforward: Backforward for N epochs, then SGD (0: never switch)")
+    p.add_argument("--init-from", type=run_folder, default=None, metavar="DIR",
+                   help="start from the final model of this run folder (fine-tuning)")
     p.add_argument("--track-ics", action="store_true", help="log per-layer ICS (mean over steps) per epoch")
-    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    add_data_dir(p)
+    p.add_argument("--device", type=device, default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
+    p.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="the run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same settings; --epochs may grow)")
     p.set_defaults(run=cmd_train)
 
 
@@ -160,17 +257,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(config, args: argparse.Namespace, distributed: bool) -> int:
-    from .launch import process_group
-    from .train import EXIT_DIVERGED, ConfigMismatch, Diverged, train
+    from . import launch
+    from .files import CommandError
+    from .train import EXIT_DIVERGED, Diverged, read_status, train
 
     try:
-        with process_group(config.device) if distributed else nullcontext():
+        with launch.process_group(config.device) if distributed else nullcontext():
             train(config, args.out, resume=args.resume)
-    except (ConfigMismatch, ValueError) as e:
+    except (CommandError, ValueError) as e:
         return fail(str(e))
     except Diverged as e:
         print(f"backforward: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except launch.INTERRUPTS as e:
+        try:
+            done = f"after {read_status(args.out).get('epochs', 0)} of {config.epochs} epochs"
+        except CommandError:
+            done = "(status.json unreadable)"
+        print(f"backforward: {stopped(e)} {done}; run the same command with --resume to continue", file=sys.stderr)
+        return launch.exit_code(e)
     except RuntimeError as e:
         if not distributed:
             raise
@@ -182,14 +287,16 @@ def _train(config, args: argparse.Namespace, distributed: bool) -> int:
 
 
 def add_data(sub) -> None:
-    p = sub.add_parser("data", help="full MNIST: download the IDX files, or check a directory")
-    verbs = p.add_subparsers(dest="verb", required=True)
-    d = verbs.add_parser("download", help="fetch the four IDX files (checksummed, written atomically)")
-    d.add_argument("--to", required=True, help="directory to write into")
-    d.add_argument("--mirror", default=None, help="base URL holding the four .gz files")
+    p = command(sub, "data", "full MNIST", "download the four IDX files, or check a folder of them")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="{download,check}", help="what to do")
+    d = command(verbs, "download", "fetch the four gzipped IDX files", "checksummed and written atomically; files "
+                "already there with the right checksum are kept")
+    d.add_argument("--to", type=output_folder, required=True, metavar="DIR", help="folder to write into")
+    d.add_argument("--mirror", default=None, metavar="URL",
+                   help="base URL holding the four .gz files (default: the PyTorch team's S3 mirror)")
     d.set_defaults(run=cmd_data_download)
-    c = verbs.add_parser("check", help="parse a directory of IDX files and print what it holds")
-    c.add_argument("data_dir")
+    c = command(verbs, "check", "parse a folder of IDX files and print what it holds")
+    c.add_argument("data_dir", type=data_folder, metavar="DIR", help="the folder to check")
     c.set_defaults(run=cmd_data_check)
 
 
@@ -214,23 +321,29 @@ def add_experiment_options(p: argparse.ArgumentParser, quick_help: str) -> None:
     from .sweep import default_jobs
 
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--out", default=REPORT_DIR, help="output directory (REPORT.md, figures, runs/)")
-    p.add_argument("--data-dir", default=None, help="full MNIST IDX files (default: the embedded digits)")
-    p.add_argument("--jobs", type=positive(int), default=default_jobs(), help="runs in parallel (default: cores)")
+    p.add_argument("--out", type=output_folder, default=REPORT_DIR, metavar="DIR",
+                   help="output folder: REPORT.md, figures, and runs/ (one folder per run, reused only by the "
+                        "same settings)")
+    add_data_dir(p)
+    p.add_argument("--jobs", type=positive(int), default=default_jobs(),
+                   help="runs in parallel, each with cores/jobs torch threads (default: %(default)s, this machine's "
+                        "cores)")
+    p.set_defaults(after_interrupt="run the same command again to continue (finished runs are kept)")
 
 
 def add_reproduce(sub) -> None:
-    p = sub.add_parser("reproduce", help="the paper's experiments, several seeds, figures and a claims report")
+    p = command(sub, "reproduce", "the paper's experiments", "toy, Figure 1, weight norms and a decaying lr, "
+                "several seeds each, and a claims table with computed verdicts, in --out's REPORT.md")
     add_experiment_options(p, "fewer seeds and epochs (under 3 minutes on 2 cores)")
     p.set_defaults(run=cmd_reproduce)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .files import folder_lock
     from .reproduce import reproduce
 
-    report = reproduce(Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
+    with folder_lock(args.out):
+        report = reproduce(Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
     print(report.read_text())
     print(f"report: {report}", file=sys.stderr)
     return 0
@@ -239,39 +352,68 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def add_study(sub) -> None:
     from .studies import STUDIES
 
-    p = sub.add_parser("study", help="the paper's open questions: " + ", ".join(STUDIES) + ", or all")
-    p.add_argument("name", choices=[*STUDIES, "all"])
+    p = command(sub, "study", "the paper's open questions", "each study adds its section to the same report: "
+                + ", ".join(STUDIES) + ", or all of them")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study")
     add_experiment_options(p, "fewer seeds, epochs and settings (minutes each)")
     p.set_defaults(run=cmd_study)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .files import folder_lock
     from .studies import STUDIES, run_study
 
     names = list(STUDIES) if args.name == "all" else [args.name]
-    for name in names:
-        report = run_study(name, Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
-        print((Path(args.out) / "sections" / f"{name}.md").read_text())
+    with folder_lock(args.out):
+        for name in names:
+            report = run_study(name, Path(args.out), quick=args.quick, jobs=args.jobs, data_dir=args.data_dir)
+            print((Path(args.out) / "sections" / f"{name}.md").read_text())
     print(f"report: {report}", file=sys.stderr)
     return 0
 
 
+# ---- the parser and the way out ----
+
+def command(sub, name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` in the list of commands, then ``description`` on its own --help."""
+    text = textwrap.fill(f"{summary}{': ' + description if description else ''}.", 100)
+    return sub.add_parser(name, help=summary, description=text, formatter_class=HelpFormatter, epilog=EXIT_STATUS)
+
+
 def fail(message: str) -> int:
-    print(f"backforward: error: {message}", file=sys.stderr)
+    print(f"backforward: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
+def stopped(interrupt: BaseException) -> str:
+    from .launch import Terminated
+
+    return "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("backforward")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backforward", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="backforward", formatter_class=HelpFormatter, epilog=EXIT_STATUS,
+                    description=textwrap.fill("Backforward Propagation (Stoica & Simionescu, AAAI 2023): the "
+                                              "paper's experiments, its open questions, the benchmark, and single "
+                                              "training runs.", 100))
+    parser.add_argument("--version", action="version", version=f"backforward {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of")
     add_toy(sub)
-    add_bench(sub)
     add_train(sub)
-    add_data(sub)
     add_reproduce(sub)
     add_study(sub)
+    add_bench(sub)
+    add_data(sub)
     return parser
 
 
@@ -290,16 +432,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         return fail(f"the command line needs the experiments extra: pip install 'backforward[experiments]' "
                     f"(missing: {', '.join(missing)})")
-    from .data import DataError
+    from . import launch
+    from .files import CommandError
+    from .sweep import WorkerDied
 
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except DataError as e:
-        return fail(str(e))
-    except KeyboardInterrupt:
-        print("backforward: interrupted", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument (one line said which): its status
+        return e.code if isinstance(e.code, int) else 0
+    with launch.sigterm_raises():
+        try:
+            return args.run(args)
+        except CommandError as e:
+            return fail(str(e))
+        except OSError as e:  # a file fault the code did not foresee: still one line, naming the file
+            return fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        except WorkerDied as e:
+            print(f"backforward: error: {e}", file=sys.stderr)
+            return 1
+        except launch.INTERRUPTS as e:
+            hint = getattr(args, "after_interrupt", "")
+            print(f"backforward: {stopped(e)}{'; ' + hint if hint else ''}", file=sys.stderr)
+            return launch.exit_code(e)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes
+from .files import CommandError, atomic_write_bytes, make_folder
 
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalization
 EMBEDDED_TRAIN_PER_CLASS = 400  # 4,000 train / 1,000 validation of the 5,000 embedded digits
@@ -40,7 +40,7 @@ MNIST_MD5 = {
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
-class DataError(Exception):
+class DataError(CommandError):
     """A data file is missing or malformed; the message names the file and the problem."""
 
 
@@ -121,8 +121,10 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
 def load_idx_dir(data_dir: str | os.PathLike) -> Split:
     """Full MNIST: the train files for training, the t10k files for validation."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"{data_dir}: is a file; give the folder that holds the four IDX files")
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such directory")
+        raise DataError(f"{data_dir}: no such folder")
     arrays = {}
     for key, stem in IDX_FILES.items():
         path = find_idx_file(data_dir, stem)
@@ -147,7 +149,7 @@ def download(to: str | os.PathLike, mirror: str = MNIST_MIRROR, checksums: dict[
     A file already there with the right checksum is kept. Raises ``DataError`` on any failure.
     """
     checksums = MNIST_MD5 if checksums is None else checksums
-    target = Path(to)
+    target = make_folder(to)
     written = []
     for name, md5 in checksums.items():
         path = target / name
@@ -159,7 +161,7 @@ def download(to: str | os.PathLike, mirror: str = MNIST_MIRROR, checksums: dict[
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 expected = response.headers.get("Content-Length")
                 data = response.read()
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: not a URL urllib can fetch
             raise DataError(f"{url}: download failed ({e})") from None
         if expected is not None and len(data) != int(expected):
             raise DataError(f"{url}: got {len(data)} bytes, expected {expected}")

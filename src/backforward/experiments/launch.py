@@ -1,9 +1,11 @@
-"""Process groups for the harness's multi-process commands: torchrun's environment, rank-0 I/O, a clean exit."""
+"""Processes: torchrun's environment and process groups, rank-0 I/O, signals that stop a run cleanly, a clean exit."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -27,6 +29,12 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     summed = values.clone()
     dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     return summed
+
+
+def barrier() -> None:
+    """Wait until every process gets here (at once when not distributed)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def launched_by_torchrun() -> bool:
@@ -72,3 +80,57 @@ def exit_without_shutdown(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM (what schedulers, ``kill`` and torchrun send), raised in the main thread as Ctrl-C raises
+    ``KeyboardInterrupt``, so that a run stops the same clean way: finished epochs kept, status marked."""
+
+
+INTERRUPTS = (KeyboardInterrupt, Terminated)
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130 and 143, as shells report
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the cleanup
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside, SIGTERM raises ``Terminated`` in the main thread; the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM wait for the block to finish, then act as usual: files that belong
+    together (a checkpoint, its metrics, the status) are written together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT,
+                                                                                          signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
+
+
+def exit_code(interrupt: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED

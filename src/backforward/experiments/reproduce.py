@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json
 from .report import (
     Claim,
     area,
@@ -67,14 +67,15 @@ def plan(cfg: ReproduceConfig) -> list[Run]:
 
 
 def toy_trials(out: Path, config: ToyConfig, data_dir: str | None) -> list[dict]:
-    """The toy experiment's trials, reused from ``OUT/toy.json`` when its settings match."""
+    """The toy experiment's trials, reused from ``OUT/toy.json`` when its settings and data match."""
     path = out / "toy.json"
+    settings = {**asdict(config), "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
     if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("config") == asdict(config):
+        saved = read_json(path)
+        if saved.get("config") == settings:
             return saved["trials"]
     trials = run_toy(load(data_dir), config)
-    atomic_write_text(path, json.dumps({"config": asdict(config), "trials": trials}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"config": settings, "trials": trials}, indent=1) + "\n")
     return trials
 
 
@@ -84,8 +85,9 @@ def reproduce(out: Path, quick: bool = False, jobs: int = 1, data_dir: str | Non
     out.mkdir(parents=True, exist_ok=True)
     toy_config = ToyConfig(seeds=cfg.toy_seeds, hidden=cfg.hidden)
     trials = toy_trials(out, toy_config, data_dir)
-    metrics = run_all(plan(cfg), out, jobs, data_dir, desc="reproduce")
-    return write_section(out, "reproduce", analyse(cfg, toy_config, trials, metrics, out, data_dir))
+    results = run_all(plan(cfg), out, jobs, data_dir, desc="reproduce")
+    return write_section(out, "reproduce", analyse(cfg, toy_config, trials, results, out, data_dir) + "\n"
+                         + results.settings())
 
 
 def arm(metrics: dict[str, list[dict]], cfg: ReproduceConfig, method: str, lr: float,

@@ -232,13 +232,13 @@ def _gain(sgd: list[list[dict]], bf: list[list[dict]]) -> list[float]:
 # ---- warm-up and fine-tuning ----
 
 def plan_warmup(cfg: StudyConfig, out: Path) -> list[Run]:
-    runs = (_runs("warm-sgd", cfg, method="sgd") + _runs("warm-backforward", cfg, method="backforward")
+    pretrained = _runs("warm-sgd", cfg, method="sgd")  # the SGD-throughout runs double as the pre-trained models
+    runs = (pretrained + _runs("warm-backforward", cfg, method="backforward")
             + _runs("warm-switch", cfg, method="backforward", switch_epoch=cfg.switch_epoch))
     for s in range(cfg.seeds):
-        pre = out / "runs" / f"warm-sgd-s{s}"  # the SGD-throughout run doubles as the pre-trained model
         for method in ("sgd", "backforward"):
-            runs.append(Run(f"finetune-{method}-s{s}", _config(cfg, method=method, seed=s, epochs=cfg.finetune_epochs,
-                                                                init_from=str(pre))))
+            runs.append(Run(f"finetune-{method}-s{s}", _config(cfg, method=method, seed=s, epochs=cfg.finetune_epochs),
+                            start_from=pretrained[s]))
     return runs
 
 
@@ -399,5 +399,5 @@ def run_study(name: str, out: Path, quick: bool = False, jobs: int = 1, data_dir
     study = STUDIES[name]
     cfg = cfg or (QUICK if quick else FULL)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = run_all(study.plan(cfg, out), out, jobs, data_dir, desc=f"study {name}")
-    return write_section(out, name, study.analyse(cfg, metrics, out))
+    results = run_all(study.plan(cfg, out), out, jobs, data_dir, desc=f"study {name}")
+    return write_section(out, name, study.analyse(cfg, results, out) + "\n" + results.settings())

@@ -1,9 +1,15 @@
-"""The training loop: one resumable run of SGD or Backforward on MNIST, written to a directory.
+"""The training loop: one resumable run of SGD or Backforward on MNIST, written to a folder.
 
-``OUT/metrics.jsonl`` gets one line per epoch; ``OUT/checkpoint.pt`` (model, optimizer,
-RNG states, the metrics so far) and ``OUT/status.json`` are rewritten atomically after
-every epoch. An interrupted run resumed with ``resume=True`` continues from the last
-checkpoint and ends with the same metrics, bit for bit on CPU, timings aside.
+The run folder holds ``config.json`` (every setting and the identity hashed from them),
+``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (model, optimizer, RNG states, the
+metrics so far) and ``status.json`` (running, interrupted, diverged or done), each rewritten
+atomically after every epoch, and ``.lock``: one process writes into a folder at a time.
+
+``resume=True`` continues from the last checkpoint and ends with the same metrics as an
+uninterrupted run, bit for bit on CPU, timings aside. It checks what it cannot take on
+trust: the checkpoint must load, the settings must be the run's own (only ``epochs`` may
+grow), and metrics it would not reproduce are never overwritten. Ctrl-C and SIGTERM stop
+a run after marking it interrupted; the epochs finished so far are kept.
 
 Under ``torchrun`` each rank trains on its shard of every global batch (same global
 order as one process); gradients are averaged per pass; only rank 0 writes.
@@ -11,11 +17,13 @@ order as one process); gradients are averaged per pass; only rank 0 writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,11 +36,20 @@ from ..replay import rng_restore, rng_snapshot
 from . import launch
 from .cost import predicted_units, stage_flops
 from .data import Split, load
-from .files import atomic_torch_save, atomic_write_text
+from .files import (
+    CommandError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    folder_lock,
+    read_json,
+    read_jsonl,
+)
 from .models import mlp, weight_norms
 
 METHODS = ("sgd", "backforward")
 SCHEDULES = ("constant", "cosine")
+EXTENDABLE = ("epochs",)  # the one setting a resume may change: train a finished run for longer
 EXIT_DIVERGED = 3
 
 
@@ -53,7 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"      # "cosine": lr decays to 0 over the epochs, per step
     switch_epoch: int = 0           # > 0: Backforward for this many epochs, then SGD (warm-up)
-    init_from: str | None = None    # fine-tuning: start from this run directory's final model
+    init_from: str | None = None    # fine-tuning: start from this run folder's final model
     track_ics: bool = False
     data_dir: str | None = None
     device: str = "cpu"
@@ -67,8 +84,9 @@ class TrainConfig:
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 problems.append(f"{name.replace('_', '-')} must be positive, got {value}")
         for name in ("momentum", "weight_decay", "switch_epoch", "seed"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{name.replace('_', '-')} must be 0 or more, got {value}")
         if self.order not in ORDERS:
             problems.append(f"unknown order {self.order!r} (choose from {', '.join(ORDERS)})")
         if self.schedule not in SCHEDULES:
@@ -77,6 +95,26 @@ class TrainConfig:
             problems.append("switch-epoch needs method backforward")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def canonical(self) -> dict:
+        """Every setting, each as its declared type (lr 1 and 1.0 are one setting): what a run is."""
+        settings = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and type(f.default) in (bool, int, float):
+                value = type(f.default)(value)
+            settings[f.name] = value
+        return settings
+
+    def identity(self) -> str:
+        """A hash of the canonical settings: equal for two configs exactly when they define the same run."""
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def differences(self, asked: TrainConfig, allowed: tuple[str, ...] = ()) -> list[str]:
+        """This saved run's settings that differ from those ``asked``, ``allowed`` aside ("lr 0.05, asked 0.1")."""
+        ours, theirs = self.canonical(), asked.canonical()
+        return [f"{k} {ours[k]}, asked {theirs[k]}" for k in ours if k not in allowed and ours[k] != theirs[k]]
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -88,8 +126,34 @@ class Diverged(Exception):
     """The loss became non-finite; the run stops with status ``diverged``."""
 
 
-class ConfigMismatch(Exception):
-    """--resume was asked for a directory that holds a different run."""
+class ConfigMismatch(CommandError):
+    """The folder holds another run, or the run's settings do not allow what was asked."""
+
+
+def usable_device(name: str) -> torch.device:
+    """``name`` as a torch device this machine can compute on; ``ValueError`` in one line otherwise."""
+    try:
+        device = torch.device(name)
+        if device.type == "meta":
+            raise ValueError("a meta tensor holds no data to train")
+        if device.type == "cuda":  # checked without touching a GPU: under torchrun each rank has its own
+            if not torch.cuda.is_available():
+                raise ValueError(f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda
+                                 is None else "no CUDA GPU is visible")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        else:
+            torch.empty(1, device=device)
+    except Exception as e:  # RuntimeError for unknown names and devices this torch lacks
+        raise ValueError(f"device {name!r} is not usable here: {_first_line(e)}") from None
+    return device
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message, short: its first line, and of a long line its first sentence."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0] if len(line) > 200 else line
 
 
 def build_model(config: TrainConfig) -> nn.Sequential:
@@ -124,9 +188,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
           data: Split | None = None) -> list[dict]:
-    """Run (or resume) one training run; returns the metrics of every epoch.
+    """Run (or, with ``resume=True``, continue) one training run; returns the metrics of every epoch.
 
-    Raises ``Diverged`` after recording the status if the loss becomes non-finite.
+    Raises ``Diverged`` after recording the status if the loss becomes non-finite, and
+    ``CommandError`` (one line) for a folder that cannot serve as asked. Ctrl-C and SIGTERM
+    mark the run interrupted and propagate.
     """
     config.validate()
     out = Path(out)
@@ -134,7 +200,17 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     writer = rank == 0
     if config.batch_size % world:
         raise ValueError(f"batch-size {config.batch_size} is not divisible by {world} processes")
-    device = torch.device(config.device)
+    device = usable_device(config.device)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out}: is a file, not a run folder")
+    if resume and not out.is_dir():
+        raise CommandError(f"{out}: no run to resume (no such folder); check the path, or leave out --resume "
+                           "to start one")
+    if resume and (done := finished_metrics(out, config)) is not None:
+        if progress and writer:
+            print(f"{out}: already finished ({len(done)}/{config.epochs} epochs); nothing to do", file=sys.stderr)
+        return done
+    init_state = _load_checkpoint(Path(config.init_from) / "checkpoint.pt", device) if config.init_from else None
     data = data if data is not None else load(config.data_dir)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = data.x_val.to(device), data.y_val.to(device)
@@ -142,28 +218,45 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     if steps_per_epoch == 0:
         raise ValueError(f"batch-size {config.batch_size} exceeds the {len(y_train)} training samples")
 
-    if not resume and (out / "checkpoint.pt").exists():  # every rank checks, so none waits for the others
-        raise ConfigMismatch(f"{out} already holds a run; pass --resume to continue it")
     torch.manual_seed(config.seed)
     model = build_model(config).to(device)  # the same initial weights on every rank
     if world > 1 and rank > 0:
         torch.manual_seed(config.seed + 7919 * rank)  # other dropout masks on other ranks, as in plain DDP
-    if config.init_from:
-        model.load_state_dict(torch.load(Path(config.init_from) / "checkpoint.pt", map_location=device,
-                                         weights_only=True)["model"])
+    if init_state is not None:
+        _load_into(model, init_state["model"], Path(config.init_from) / "checkpoint.pt")
     base = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
     backforward = Backforward(model, base, order=config.order, track_ics=config.track_ics)
+    with folder_lock(out) if writer else nullcontext():
+        metrics, written = _prepare(out, config, resume, model, base, rank, device)
+        launch.barrier()  # every rank has read the folder before rank 0 writes into it
+        if writer:
+            atomic_write_json(out / "config.json", {**config.canonical(), "identity": config.identity()})
+            if written != _lines(metrics) or not (out / "metrics.jsonl").exists():  # new, or an epoch lost
+                # between a checkpoint and its metrics line: the checkpoint holds it
+                atomic_write_text(out / "metrics.jsonl", "".join(_lines(metrics)))
+            _write_status(out, "running", epochs=len(metrics))
+        try:
+            _epochs(config, out, model, base, backforward, metrics, (x_train, y_train, x_val, y_val), steps_per_epoch,
+                    progress)
+        except launch.INTERRUPTS:
+            if writer:
+                _write_status(out, "interrupted", epochs=len(metrics))
+            raise
+        if writer:
+            _write_status(out, "done", epochs=len(metrics))
+    return metrics
+
+
+def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.Optimizer, backforward: Backforward,
+            metrics: list[dict], tensors: tuple[torch.Tensor, ...], steps_per_epoch: int, progress: bool) -> None:
+    """Train the epochs after those in ``metrics``, appending each epoch's record and saving after it."""
+    x_train, y_train, x_val, y_val = tensors
+    device = x_train.device
+    rank, world = launch.rank_and_world()
+    writer = rank == 0
     total_steps = config.epochs * steps_per_epoch
     flops = predicted_units(stage_flops(model, x_train[: config.batch_size // world]))
-    metrics: list[dict] = []
-    if resume and (out / "checkpoint.pt").exists():
-        metrics = _restore(out / "checkpoint.pt", config, model, base, rank)
-    elif writer:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
-    if writer:
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     average = distributed.grad_averager(None)
     loss_fn = FirstPassOutputs()
     cumulative_flops = metrics[-1]["flops"] if metrics else 0.0
@@ -219,16 +312,14 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
                   "flops": cumulative_flops, "seconds": seconds, "train_seconds": cumulative_seconds}
         if ics:
             record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1])} for name, v in ics.items()}
-        metrics.append(record)
         rng_states = launch.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
-        if writer:
-            _save(out, config, model, base, metrics, rng_states)
+        with launch.interrupts_deferred():  # an epoch counts once it is saved, and is saved whole
+            metrics.append(record)
+            if writer:
+                _save(out, config, model, base, metrics, rng_states)
         if progress and writer and not sys.stderr.isatty():
             print(f"epoch {epoch}/{config.epochs}  train_loss {record['train_loss']:.4f}  "
                   f"val_acc {val_acc:.4f}  ({seconds:.1f}s)", file=sys.stderr)
-    if writer:
-        atomic_write_text(out / "status.json", json.dumps({"status": "done", "epochs": len(metrics)}) + "\n")
-    return metrics
 
 
 def _train_step(model, base, backforward, use_backforward, xb, yb, loss_fn, average) -> torch.Tensor:
@@ -279,45 +370,124 @@ def _bar(total: int, desc: str, enabled: bool):
 def _save(out: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer, metrics: list[dict],
           rng_states: list[tuple]) -> None:
     """Checkpoint first, then the metrics it holds: a crash between the two loses nothing on resume."""
-    atomic_torch_save({"config": asdict(config), "model": model.state_dict(), "optimizer": base.state_dict(),
+    atomic_torch_save({"config": config.canonical(), "model": model.state_dict(), "optimizer": base.state_dict(),
                        "rng": rng_states, "metrics": metrics}, out / "checkpoint.pt")
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-    atomic_write_text(out / "status.json", json.dumps({"status": "running", "epochs": len(metrics)}) + "\n")
+    atomic_write_text(out / "metrics.jsonl", "".join(_lines(metrics)))
+    _write_status(out, "running", epochs=len(metrics))
 
 
-def _restore(path: Path, config: TrainConfig, model: nn.Module, base: torch.optim.Optimizer,
-             rank: int) -> list[dict]:
-    state = torch.load(path, map_location=config.device, weights_only=True)
-    saved = TrainConfig.from_dict(state["config"])
-    differ = [f.name for f in fields(TrainConfig)
-              if f.name != "epochs" and getattr(saved, f.name) != getattr(config, f.name)]
-    if differ:
-        raise ConfigMismatch(f"{path.parent} holds a run with other settings ({', '.join(differ)}); "
-                             "use another --out or the same arguments")
-    model.load_state_dict(state["model"])
-    base.load_state_dict(state["optimizer"])
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "status.json")
+CHECKPOINT_KEYS = {"config", "model", "optimizer", "rng", "metrics"}
+
+
+def holds_run(out: str | Path) -> bool:
+    """Whether ``out`` holds (part of) a run: something to resume, or to refuse to overwrite."""
+    return any((Path(out) / name).exists() for name in RUN_FILES)
+
+
+def finished_metrics(out: str | Path, config: TrainConfig) -> list[dict] | None:
+    """The metrics of ``out`` if it holds exactly this run, finished (a resume then has nothing to do)."""
+    out = Path(out)
+    status = read_status(out)
+    if status["status"] != "done" or status.get("epochs") != config.epochs or not (out / "config.json").exists():
+        return None
+    if TrainConfig.from_dict(read_json(out / "config.json")).identity() != config.identity():
+        return None
+    metrics = read_metrics(out)
+    return metrics if len(metrics) == config.epochs else None
+
+
+def _prepare(out: Path, config: TrainConfig, resume: bool, model: nn.Module, base: torch.optim.Optimizer,
+             rank: int, device: torch.device) -> tuple[list[dict], list[str]]:
+    """Check the folder against what was asked and, on resume, load its checkpoint into model and optimizer.
+
+    Returns the metrics so far and the lines ``metrics.jsonl`` holds now.
+    """
+    config_path, checkpoint, metrics_path = out / "config.json", out / "checkpoint.pt", out / "metrics.jsonl"
+    written = _lines(read_jsonl(metrics_path)) if metrics_path.exists() else []
+    if not resume:
+        if holds_run(out):
+            raise ConfigMismatch(f"{out}: already holds a run ({len(written)} epochs done); pass --resume to "
+                                 "continue it, or choose another --out")
+        return [], written
+    if not holds_run(out):
+        raise CommandError(f"{out}: holds no run to resume; check the path, or leave out --resume to start one")
+    if config_path.exists():
+        _check_settings(TrainConfig.from_dict(read_json(config_path)), config, config_path)
+    if not checkpoint.exists():
+        if written:
+            raise CommandError(f"{checkpoint}: missing, though {metrics_path.name} holds {len(written)} epochs; "
+                               "resuming would train them again over the old metrics (move the folder away to "
+                               "start over)")
+        return [], written  # stopped before its first epoch ended: nothing to continue
+    state = _load_checkpoint(checkpoint, device)
+    _check_settings(TrainConfig.from_dict(state["config"]), config, checkpoint)
+    metrics = state["metrics"]
+    if len(metrics) > config.epochs:
+        raise ConfigMismatch(f"{out}: already ran {len(metrics)} epochs, more than --epochs {config.epochs}")
+    if written != _lines(metrics)[:len(written)]:
+        raise CommandError(f"{metrics_path}: its {len(written)} epochs are not the {len(metrics)} in "
+                           f"{checkpoint.name}; not overwriting metrics this run would not reproduce")
+    _load_into(model, state["model"], checkpoint)
+    try:
+        base.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CommandError(f"{checkpoint}: its optimizer state does not fit this run ({_first_line(e)})") from None
     if rank < len(state["rng"]):  # resumed on more processes than saved it: the new ranks keep their seeds
         cpu, cuda = state["rng"][rank]
         rng_restore((cpu, cuda if torch.cuda.is_available() else None))
-    if len(state["metrics"]) > config.epochs:
-        raise ConfigMismatch(f"{path.parent} already ran {len(state['metrics'])} epochs, "
-                             f"more than --epochs {config.epochs}")
-    return state["metrics"]
+    return metrics, written
+
+
+def _check_settings(saved: TrainConfig, config: TrainConfig, source: Path) -> None:
+    differ = saved.differences(config, allowed=EXTENDABLE)
+    if differ:
+        raise ConfigMismatch(f"{source.parent}: holds a run with other settings ({'; '.join(differ)}); resume "
+                             "with the run's own settings (only --epochs may change), or choose another --out")
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A checkpoint written by ``train``, loaded on ``device``; one line if it is missing or unreadable."""
+    if not path.is_file():
+        raise CommandError(f"{path}: missing" if path.parent.is_dir() else f"{path.parent}: no such folder")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise CommandError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+    if not (isinstance(state, dict) and state.keys() >= CHECKPOINT_KEYS):
+        raise CommandError(f"{path}: not a checkpoint written by backforward train")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict, source: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()  # "Error(s) in loading state_dict for ...:", then the first problem
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CommandError(f"{source}: its model does not fit this run's ({detail})") from None
+
+
+def _lines(metrics: list[dict]) -> list[str]:
+    return [json.dumps(m) + "\n" for m in metrics]
+
+
+def _write_status(out: Path, status: str, **details: object) -> None:
+    atomic_write_json(out / "status.json", {"status": status, **details})
 
 
 def _diverged(out: Path, writer: bool, epoch: int, step: int, message: str) -> Diverged:
     text = f"diverged in epoch {epoch}, step {step + 1}: {message}"
     if writer:
-        atomic_write_text(out / "status.json", json.dumps({"status": "diverged", "epoch": epoch, "step": step + 1,
-                                                           "message": message}) + "\n")
+        _write_status(out, "diverged", epoch=epoch, step=step + 1, message=message)
     return Diverged(text)
 
 
 def read_status(out: str | Path) -> dict:
     path = Path(out) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {"status": "new"}
+    return read_json(path) if path.exists() else {"status": "new"}
 
 
 def read_metrics(out: str | Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
