@@ -29,10 +29,11 @@ from . import launch
 from .cost import predicted_units, stage_flops
 from .data import Split, load
 from .files import atomic_torch_save, atomic_write_text
-from .models import mlp, weight_norms
+from .models import ARCHS, INITS, build, weight_norms
 
 METHODS = ("sgd", "backforward")
 SCHEDULES = ("constant", "cosine")
+BASES = ("sgd", "adam")  # the base optimizer Backforward (or the plain step) uses
 EXIT_DIVERGED = 3
 
 
@@ -55,6 +56,11 @@ class TrainConfig:
     switch_epoch: int = 0           # > 0: Backforward for this many epochs, then SGD (warm-up)
     init_from: str | None = None    # fine-tuning: start from this run directory's final model
     track_ics: bool = False
+    arch: str = "mlp"               # mlp, linear (no activations), resmlp (depth = residual blocks), cnn
+    init: str = "default"           # default (PyTorch's), kaiming, orthogonal: see models.initialise
+    base: str = "sgd"               # base optimizer: sgd (with momentum, weight_decay) or adam
+    ics_every: int = 1              # with track_ics: measure on every k-th step of an epoch
+    eval_train: bool = False        # also evaluate the training set after each epoch (generalisation gap)
     data_dir: str | None = None
     device: str = "cpu"
 
@@ -62,7 +68,7 @@ class TrainConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        for name in ("lr", "epochs", "batch_size", "hidden", "depth"):
+        for name in ("lr", "epochs", "batch_size", "hidden", "depth", "ics_every"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 problems.append(f"{name.replace('_', '-')} must be positive, got {value}")
@@ -73,6 +79,9 @@ class TrainConfig:
             problems.append(f"unknown order {self.order!r} (choose from {', '.join(ORDERS)})")
         if self.schedule not in SCHEDULES:
             problems.append(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
+        for name, allowed in (("arch", ARCHS), ("init", INITS), ("base", BASES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(allowed)})")
         if self.switch_epoch and self.method != "backforward":
             problems.append("switch-epoch needs method backforward")
         if problems:
@@ -93,7 +102,13 @@ class ConfigMismatch(Exception):
 
 
 def build_model(config: TrainConfig) -> nn.Sequential:
-    return mlp(config.depth, config.hidden, batchnorm=config.batchnorm)
+    return build(config.arch, config.depth, config.hidden, batchnorm=config.batchnorm, init=config.init)
+
+
+def build_base(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.base == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 class FirstPassOutputs:
@@ -151,8 +166,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     if config.init_from:
         model.load_state_dict(torch.load(Path(config.init_from) / "checkpoint.pt", map_location=device,
                                          weights_only=True)["model"])
-    base = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    base = build_base(config, model.parameters())
     backforward = Backforward(model, base, order=config.order, track_ics=config.track_ics)
     total_steps = config.epochs * steps_per_epoch
     flops = predicted_units(stage_flops(model, x_train[: config.batch_size // world]))
@@ -187,7 +201,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
             batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world].to(device)
             xb, yb = x_train[batch], y_train[batch]
             loss_fn.outputs = None
-            if config.track_ics and not use_backforward:
+            metered = config.track_ics and step % config.ics_every == 0
+            if metered and not use_backforward:
                 meter_start = time.perf_counter()
                 _collect(ics, _plain_ics(model, xb, yb, base.param_groups[0]["lr"]))
                 metering += time.perf_counter() - meter_start
@@ -197,7 +212,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
                 raise _diverged(out, writer, epoch, step, str(e)) from None
             if not math.isfinite(float(loss)):
                 raise _diverged(out, writer, epoch, step, f"non-finite loss {float(loss)}")
-            if config.track_ics and use_backforward:
+            if metered and use_backforward:
                 _collect(ics, backforward.last_report)
             n = len(yb)
             sums += torch.tensor([float(loss) * n, float((loss_fn.outputs.argmax(1) == yb).sum()), n],
@@ -217,8 +232,11 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
                   "val_loss": val_loss, "val_acc": val_acc, "weight_norm": norms.pop("total"),
                   "layer_norms": norms, "method": "backforward" if use_backforward else "sgd",
                   "flops": cumulative_flops, "seconds": seconds, "train_seconds": cumulative_seconds}
+        if config.eval_train:
+            record["train_eval_loss"], record["train_eval_acc"] = evaluate(model, x_train, y_train)
         if ics:
-            record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1])} for name, v in ics.items()}
+            record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1]), "grad_norm": _mean(v[2]),
+                                    "rel_shift": _mean(v[3])} for name, v in ics.items()}
         metrics.append(record)
         rng_states = launch.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
         if writer:
@@ -257,10 +275,12 @@ def _plain_ics(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, lr: float):
 
 
 def _collect(ics: dict[str, list[list[float]]], report) -> None:
-    for name, shift, cosine in zip(report.stage_names, report.grad_shift, report.grad_cosine, strict=True):
-        entry = ics.setdefault(name, [[], []])
-        entry[0].append(shift)
-        entry[1].append(cosine)
+    """Per stage: ‖G − G'‖, cos∠(G, G'), ‖G‖ and the scale-free ‖G − G'‖/‖G‖ of one step."""
+    for name, shift, cosine, norm in zip(report.stage_names, report.grad_shift, report.grad_cosine,
+                                         report.grad_norm, strict=True):
+        entry = ics.setdefault(name, [[], [], [], []])
+        for values, value in zip(entry, (shift, cosine, norm, shift / norm if norm > 0 else math.nan), strict=True):
+            values.append(value)
 
 
 def _mean(values: list[float]) -> float:
