@@ -1,0 +1,72 @@
+"""Typed run keys: an ``Arm`` is a training setting without its seed, shared by the plan and the analysis.
+
+A run's directory name is computed from its full settings (every field that differs from
+``TrainConfig``'s defaults, and the seed), so two studies that need the same run share it,
+and no analysis retypes a name that the plan made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from .sweep import Run
+from .train import TrainConfig
+
+_ALWAYS = ("method", "lr", "epochs")
+_NEVER = ("seed", "data_dir", "device")  # the seed ends the name; data and device are the sweep's business
+
+
+def run_name(config: TrainConfig) -> str:
+    """``backforward-lr0.05-e40-depth=2-track_ics-s0``: method, lr, epochs, then every non-default setting."""
+    defaults = TrainConfig()
+    parts = [config.method, f"lr{config.lr:g}", f"e{config.epochs}"]
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if f.name in _ALWAYS or f.name in _NEVER or value == getattr(defaults, f.name):
+            continue
+        if f.name == "init_from":
+            value = Path(value).name
+        parts.append(f.name if value is True else f"{f.name}={value:g}" if isinstance(value, float)
+                     else f"{f.name}={value}")
+    return "-".join(parts) + f"-s{config.seed}"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One setting (``config``, its seed ignored) run once per seed in ``seeds``."""
+
+    config: TrainConfig
+    seeds: tuple[int, ...]
+
+    def with_seed(self, seed: int) -> TrainConfig:
+        return replace(self.config, seed=seed)
+
+    def runs(self) -> list[Run]:
+        return [Run(run_name(self.with_seed(s)), self.with_seed(s)) for s in self.seeds]
+
+    def of(self, metrics: dict[str, list[dict]]) -> list[list[dict]]:
+        """This arm's runs' metrics, in seed order."""
+        return [metrics[run_name(self.with_seed(s))] for s in self.seeds]
+
+    def but(self, **changes) -> Arm:
+        return Arm(replace(self.config, **changes), self.seeds)
+
+    @property
+    def epochs(self) -> int:
+        return self.config.epochs
+
+
+def arm(seeds: int | Sequence[int], **settings) -> Arm:
+    """``arm(5, method="backforward", lr=0.05)``: seeds 0..4 (or the seeds given) of that setting."""
+    return Arm(TrainConfig(**settings), tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds))
+
+
+def plan(arms: Iterable[Arm]) -> list[Run]:
+    """Every run of the arms, each once (arms of different studies may share runs)."""
+    unique: dict[str, Run] = {}
+    for a in arms:
+        for run in a.runs():
+            unique.setdefault(run.name, run)
+    return list(unique.values())
