@@ -129,8 +129,8 @@ def test_spearman_by_hand():
 def test_holm_by_hand():
     # sorted 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 -> kept monotone at 0.06
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    adjusted = holm([0.02, 0.001, math.nan])
-    assert adjusted[:2] == pytest.approx([0.04, 0.003]) and math.isnan(adjusted[2])
+    adjusted = holm([0.02, 0.001, math.nan])  # the NaN is not a test: a family of 2
+    assert adjusted[:2] == pytest.approx([0.02, 0.002]) and math.isnan(adjusted[2])
     assert holm([0.5, 0.6]) == [1.0, 1.0]
 
 
@@ -226,3 +226,17 @@ def test_runs_that_start_from_another_run_wait_for_it(tmp_path):
     other = Run("other", TrainConfig(seed=1))
     assert _waves([tuned, pre, other]) == [[pre, other], [tuned]]
     assert _waves([tuned]) == [[tuned]]  # its source already finished
+
+
+def test_diverged_runs_are_listed_and_untestable_rows_leave_the_family():
+    from backforward.experiments.report import diverged_line, family_note
+
+    finished, stopped = [{"epoch": 1}, {"epoch": 2}], [{"epoch": 1}]
+    assert diverged_line({"SGD": [finished, finished], "Backforward": [stopped, finished]}, 2) == (
+        "**Diverged** (runs stopped by a non-finite loss; their pairs are left out of the tests): Backforward: 1 of 2.")
+    assert diverged_line({"SGD": [finished]}, 2) == ""
+    untested = Claim("c", TRAIN_LOSS, "", "", paired_t([1.0, math.nan], [2.0, 3.0], 0.1), LOWER, 1.0, 1, 2)
+    claims = decide([_claim(0.03), untested])  # a family of one: 0.03 stays 0.03
+    assert claims[0].p_adjusted == pytest.approx(0.03) and claims[0].verdict == HOLDS
+    assert claims[1].verdict == UNSURE
+    assert "(1 that could not be tested left out)" in family_note(claims)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backforward.experiments.arms import arm, plan, run_name
+from backforward.experiments.arms import arm, longest_first, plan, run_name
 from backforward.experiments.cli import build_parser
 from backforward.experiments.report import (
     EQUIVALENT,
@@ -28,6 +28,7 @@ from backforward.experiments.studies import (
     advantage,
     at_budget,
     best_lr,
+    control_answer,
     equal_budget,
     ics_per_epoch,
     order_pattern,
@@ -227,7 +228,7 @@ def test_equal_budget_by_hand():
 def test_depth_section_lists_untrained_settings_and_the_deepest_that_trained(report_dir):
     text = (report_dir / "sections" / "depth.md").read_text()
     assert "**Not trained**" in text
-    assert f"Settings that trained at {max(TINY.depths)} hidden layers:" in text
+    assert f"Settings where both methods trained at {max(TINY.depths)} hidden layers:" in text
     assert "ICS on SGD's trajectory predicts Backforward's advantage" in text
 
 
@@ -238,3 +239,23 @@ def test_batchnorm_section_tests_early_and_late_on_both_networks(report_dir):
             for tag in ("‖G − G'‖/‖G‖", "1 − cos"):
                 assert sum(1 for row in verdict_rows(text)
                            if row.startswith(f"| {net}: BatchNorm reduces ICS ({tag}) {when}")) == 1
+
+
+def test_long_runs_start_first():
+    runs = plan([arm(1, depth=1), arm(1, method="backforward", depth=8), arm(1, depth=8, track_ics=True)])
+    assert [r.config.depth for r in longest_first(runs)] == [8, 8, 1]
+    assert longest_first(runs)[0].config.method == "backforward"
+
+
+@pytest.mark.parametrize("same, larger, phrase", [
+    (HOLDS, FAILS, "SGD converges faster than Backforward: the gain is smaller than what that step buys"),
+    (SMALL, EQUIVALENT, "the two are equivalent"),
+    (HOLDS, UNSURE, "the comparison is inconclusive"),
+    (EQUIVALENT, FAILS, "does not converge faster than SGD at the same lr (equivalent)"),
+    (HOLDS, HOLDS, "even with a 1.5× larger step"),
+])
+def test_lr_control_answer_follows_the_verdicts(same, larger, phrase):
+    cfg = StudyConfig(multipliers=(1.0, 1.5))
+    text = control_answer(1, cfg, [_decided(same), _decided(larger)], [_decided(UNSURE), _decided(HOLDS)])
+    assert phrase in text
+    assert text.endswith("'Backforward performs better' is inconclusive and 'converges faster' is holds.")

@@ -70,3 +70,14 @@ def plan(arms: Iterable[Arm]) -> list[Run]:
         for run in a.runs():
             unique.setdefault(run.name, run)
     return list(unique.values())
+
+
+def longest_first(runs: Sequence[Run]) -> list[Run]:
+    """Runs ordered by a rough cost (epochs × stages, squared for Backforward, doubled with ICS metering),
+    longest first, so parallel workers finish together instead of one waiting on a long last run."""
+    def cost(run: Run) -> float:
+        c = run.config
+        stages = c.depth + 1 if c.arch != "resmlp" else 2 * c.depth + 2
+        return c.epochs * stages ** (2 if c.method == "backforward" else 1) * (2 if c.track_ics else 1)
+
+    return sorted(runs, key=cost, reverse=True)

@@ -110,7 +110,9 @@ so each comparison is paired seed by seed.
   **{UNSURE}** otherwise.
 - Settings where neither method trained (final training loss above 99% of ln 10, a uniform guess)
   say nothing about these claims: they are listed, not tested, and not part of a family. A run that
-  diverged leaves its seed's pair out; the claim then says how many pairs remain.
+  diverged (a non-finite loss) leaves its seed's pair out; the claim then says how many pairs remain,
+  the section lists every diverged run, and a test left with fewer than 2 pairs is *inconclusive* and
+  not counted in the family.
 - A sentence marked "computed" is put together from the verdicts beside it and says no more.
 
 Minimum effects of interest (m), declared per measure before any run:
@@ -206,14 +208,14 @@ def spearman(x: Sequence[float], y: Sequence[float], margin: float) -> Evidence:
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (NaN counts as 1 and stays NaN)."""
-    clean = [1.0 if math.isnan(p) else p for p in p_values]
-    order = sorted(range(len(clean)), key=lambda i: clean[i])
-    adjusted, running = [0.0] * len(clean), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(clean) - rank) * clean[i]))
+    """Holm's step-down adjusted p-values. A NaN (a test that could not be run) stays NaN and does not
+    count in the family's size."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
         adjusted[i] = running
-    return [math.nan if math.isnan(p) else q for p, q in zip(p_values, adjusted, strict=True)]
+    return adjusted
 
 
 def verdict(evidence: Evidence, direction: int, minimum: float, p: float, p_equiv: float) -> str:
@@ -415,8 +417,18 @@ def count_verdicts(claims: Sequence[Claim]) -> str:
 
 def family_note(claims: Sequence[Claim]) -> str:
     flipped = sum(1 for c in claims if c.unadjusted != c.verdict)
-    return (f"Family: the {len(claims)} verdict rows of this section (Holm); {flipped} verdict(s) changed by the "
-            "correction." if claims else "")
+    untested = sum(1 for c in claims if math.isnan(c.evidence.p))
+    left = f" ({untested} that could not be tested left out)" if untested else ""
+    return (f"Family: the {len(claims)} verdict rows of this section{left} (Holm); {flipped} verdict(s) changed by "
+            "the correction." if claims else "")
+
+
+def diverged_line(named: dict[str, Sequence[Sequence[dict]]], epochs: int) -> str:
+    """Which arms had runs stop on a non-finite loss, and how many; empty if none did."""
+    stopped = [f"{label}: {n} of {len(runs)}" for label, runs in named.items()
+               if (n := sum(1 for r in runs if len(r) < epochs))]
+    return ("**Diverged** (runs stopped by a non-finite loss; their pairs are left out of the tests): "
+            + "; ".join(stopped) + ".") if stopped else ""
 
 
 # ---- figures ----

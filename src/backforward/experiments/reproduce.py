@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arms import Arm, arm, plan
+from .arms import Arm, arm, longest_first, plan
 from .data import MEAN, STD, load
 from .files import atomic_write_text
 from .report import (
@@ -36,6 +36,7 @@ from .report import (
     converges_faster,
     curves_figure,
     decide,
+    diverged_line,
     family_note,
     final,
     fmt_ci,
@@ -66,7 +67,7 @@ class ReproduceConfig:
     batch_size: int = 128
 
 
-QUICK = ReproduceConfig(seeds=3, epochs=30)
+QUICK = ReproduceConfig(seeds=3, epochs=20)
 
 
 def training_arm(cfg: ReproduceConfig, method: str, lr: float, schedule: str = "constant") -> Arm:
@@ -108,7 +109,7 @@ def reproduce(out: Path, quick: bool = False, jobs: int = 1, data_dir: str | Non
     arms = toy_arms(replace(cfg.toy, hidden=cfg.hidden))
     trials = toy_trials(out, arms, data_dir)
     runs = plan(training_arm(cfg, m, lr, s) for lr, s in settings(cfg) for m, _ in METHODS)
-    metrics = run_all(runs, out, jobs, data_dir, desc="reproduce")
+    metrics = run_all(longest_first(runs), out, jobs, data_dir, desc="reproduce")
     text = analyse(cfg, arms, trials, metrics, out, load(data_dir).source)
     return write_section(out, "reproduce", text)
 
@@ -193,6 +194,9 @@ def analyse(cfg: ReproduceConfig, arms: list[ToyConfig], trials: list[list[dict]
                          _ci(final(rs, "weight_norm")), _ci(gap(rs)), f"{np.mean(final(rs, 'train_seconds')):.1f}",
                          f"{stopped}/{len(rs)}"])
     all_runs = [r for lr, s in settings(cfg) for m, _ in METHODS for r in runs(m, lr, s)]
+    line = diverged_line({f"{label}, lr {lr:g}, {s}": runs(m, lr, s) for lr, s in settings(cfg)
+                          for m, label in METHODS}, cfg.epochs)
+    diverged = f"\n{line}\n" if line else ""
     summary = "; ".join(c.said() for c in paper + regulariser + decay)
     toy_tables = "\n\n".join(f"```\n{format_toy(summarize_toy(t, c.zero_tol), c)}\n```"
                              for c, t in zip(arms, trials, strict=True))
@@ -215,7 +219,7 @@ Bands and brackets: 95% confidence intervals. Training took {training_seconds(al
 {claims_table(claims)}
 
 {family_note(claims)}
-
+{diverged}
 **Summary (computed from the verdicts above):** {summary}.
 
 ![effects](reproduce_effects.png)

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .arms import Arm, arm, plan, run_name
+from .arms import Arm, arm, longest_first, plan, run_name
 from .models import linear_stage_names
 from .report import (
     ADVANTAGE,
     CHANCE_LOSS,
     CORRELATION,
+    EQUIVALENT,
     FAILS,
     FINAL_LOSS,
     FLOP_LOSS,
@@ -42,6 +43,7 @@ from .report import (
     LOWER,
     SECOND_LOSS,
     SMALL,
+    UNSURE,
     Claim,
     area,
     band,
@@ -52,6 +54,7 @@ from .report import (
     count_verdicts,
     curves_figure,
     decide,
+    diverged_line,
     family_note,
     final,
     fmt_ci,
@@ -105,7 +108,7 @@ class StudyConfig:
 
 
 FULL = StudyConfig()
-QUICK = StudyConfig(seeds=3, epochs=4, lrs=(0.05,), depths=(1, 4, 16), control_depths=(1,), multipliers=(1.0, 1.1, 1.5),
+QUICK = StudyConfig(seeds=3, epochs=3, lrs=(0.01,), depths=(1, 4, 16), control_depths=(1,), multipliers=(1.0, 1.1, 1.5),
                     lr_grid=(0.025, 0.05, 0.1), tuning_seeds=2, order_depths=(2,), res_blocks=2, switch_epoch=2,
                     finetune_epochs=2, cost_depths=(1, 4))
 
@@ -189,9 +192,13 @@ def header(title: str, name: str, cfg: StudyConfig, runs: Sequence[Sequence[dict
             "sections count here too).")
 
 
-def verdict_block(claims: list[Claim], name: str, out: Path, title: str, a: str = "A", b: str = "B") -> str:
+def verdict_block(claims: list[Claim], name: str, out: Path, title: str, named: dict[str, list[list[dict]]],
+                  epochs: int, a: str = "A", b: str = "B") -> str:
+    """The section's verdict table, its family note, the diverged runs of ``named`` arms, its effects figure."""
     forest_figure(claims, out / f"{name}_effects.png", title)
-    return f"{claims_table(claims, a, b)}\n\n{family_note(claims)}\n\n![effects]({name}_effects.png)"
+    parts = [claims_table(claims, a, b), family_note(claims), diverged_line(named, epochs),
+             f"![effects]({name}_effects.png)"]
+    return "\n\n".join(p for p in parts if p)
 
 
 # ---- lr-control ----
@@ -241,7 +248,7 @@ def plan_lr_control(cfg: StudyConfig, out: Path, metrics: dict[str, list[dict]])
 
 
 def analyse_lr_control(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) -> str:
-    claims, answers, grid_rows, used = [], [], [], []
+    claims, answers, grid_rows, used, named = [], [], [], [], {}
     per_depth: dict[int, tuple[list[Claim], list[Claim]]] = {}
     for depth in cfg.control_depths:
         sgd_arms, bf_arm = control_arms(cfg, depth)
@@ -257,10 +264,15 @@ def analyse_lr_control(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Pa
         per_depth[depth] = (multiplied, tuned)
         claims += multiplied + tuned
         used += [r for a in sgd_arms for r in a.of(metrics)] + bf + tuned_sgd + tuned_bf
+        named |= {f"depth {depth}, SGD at {m:g}×": a.of(metrics)
+                  for m, a in zip(cfg.multipliers, sgd_arms, strict=True)}
+        named |= {f"depth {depth}, Backforward at lr {cfg.lr:g}": bf, f"depth {depth}, tuned SGD": tuned_sgd,
+                  f"depth {depth}, tuned Backforward": tuned_bf}
         for lr in cfg.lr_grid:
             cells = []
             for m in ("sgd", "backforward"):
                 runs = tuning_arm(cfg, m, lr, depth).of(metrics)
+                named[f"depth {depth}, tuning {'SGD' if m == 'sgd' else 'Backforward'} at lr {lr:g}"] = runs
                 used += runs
                 cells.append(fmt_ci(mean_ci(final(runs, "val_acc", cfg.epochs)))
                              + (" ← best" if lr == best[m] else ""))
@@ -278,7 +290,8 @@ compared seeds 0–{cfg.seeds - 1}), best = highest mean final validation accura
 then rerun on the compared seeds. Selection and comparison use the same 1,000 validation digits
 (there is no third split), which favours both methods alike.
 
-{verdict_block(claims, "lr_control", out, "lr-control: Backforward against SGD with a larger or tuned step")}
+{verdict_block(claims, "lr_control", out, "lr-control: Backforward against SGD with a larger or tuned step", named,
+               cfg.epochs)}
 
 **Answer (computed from the verdicts above):** {' '.join(answers)}
 
@@ -299,9 +312,11 @@ def control_answer(depth: int, cfg: StudyConfig, multiplied: list[Claim], tuned:
         step = (f"At depth {depth}, Backforward converges faster than SGD even with a {max(cfg.multipliers):g}× "
                 "larger step, so its gain is more than a larger effective step of that size.")
     else:
-        step = (f"At depth {depth}, Backforward's lead at the same lr ({multiplied[0].verdict}) is gone against SGD "
-                f"with a {lost[0]:g}× larger step ({lost[1].verdict}): the gain is no larger than what such a step "
-                "buys.")
+        against = {FAILS: "SGD converges faster than Backforward: the gain is smaller than what that step buys",
+                   EQUIVALENT: "the two are equivalent: the gain is what that step buys, within the minimum effect",
+                   UNSURE: "the comparison is inconclusive"}[lost[1].verdict]
+        step = (f"At depth {depth}, Backforward converges faster than SGD at the same lr ({multiplied[0].verdict}); "
+                f"against SGD with a {lost[0]:g}× larger step ({lost[1].verdict}), {against}.")
     acc, loss = tuned
     return (step + f" Each at its best lr, 'Backforward performs better' is {acc.verdict} and 'converges faster' is "
             f"{loss.verdict}.")
@@ -384,15 +399,21 @@ def analyse_depth(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) -
                      CORRELATION, [p[1] for p in points], [p[2] for p in points], "ICS: mean ‖G − G'‖/‖G‖ (SGD)",
                      "relative advantage")
     claims = decide(faster + better + growth + [link])
+    named = {f"{'SGD' if i == 0 else 'Backforward'}, {init} init, lr {lr:g}, depth {d}": pair_[i]
+             for (init, lr, d), pair_ in runs.items() for i in (0, 1)}
+    blowups = [f"{init} init, lr {lr:g}, depth {d}" for (init, lr, d), (sgd, bf) in runs.items()
+               if trained(sgd, cfg.epochs) and all(len(r) < cfg.epochs for r in bf)]
     untrained = [f"{i} init, lr {lr:g}, depth {d}" for (i, lr, d), good in ok.items() if not good]
     deep = max(cfg.depths)
-    deepest = [f"{i} init, lr {lr:g}" for (i, lr, d), good in ok.items() if good and d == deep]
+    deepest = [f"{i} init, lr {lr:g}" for (i, lr, d), (sgd, bf) in runs.items()
+               if d == deep and trained(sgd, cfg.epochs) and trained(bf, cfg.epochs)]
     _depth_figures(cfg, runs, ok, points, out)
-    answer = (f"Settings that trained at {deep} hidden layers: {'; '.join(deepest) or 'none'}. "
+    answer = (f"Settings where both methods trained at {deep} hidden layers: {'; '.join(deepest) or 'none'}. "
               f"'Backforward converges faster' over the trained settings: {count_verdicts(faster)}. "
               f"'Backforward performs better' (validation accuracy): {count_verdicts(better)}. "
               f"'The relative advantage grows with depth': {count_verdicts(growth)}. "
-              f"{link.said()}.")
+              f"{link.said()}. Backforward diverged in every seed where SGD trained at: "
+              f"{'; '.join(blowups) or 'none'}.")
     cost_rows = []
     for (init, lr, depth), (sgd, bf) in runs.items():
         cost_rows.append([init, f"{lr:g}", depth, fmt_ci(mean_ci(area(sgd, "train_loss", cfg.epochs))),
@@ -411,9 +432,10 @@ shrinks the signal by about √6 per layer. ICS is measured on the SGD runs' own
 {cfg.ics_every} steps: ‖G − G'‖/‖G‖ on Linear stages 2..n. The advantage is taken relative to the
 loss level: (SGD − Backforward) / SGD mean training loss, seed by seed.
 
-{verdict_block(claims, "depth", out, "depth: Backforward against SGD")}
+{verdict_block(claims, "depth", out, "depth: Backforward against SGD", named, cfg.epochs)}
 
-**Not trained** (neither method's mean final training loss below 99% of ln 10; not tested):
+**Not trained** (neither method's mean final training loss below 99% of ln 10, or every run diverged; not
+tested):
 {'; '.join(untrained) or 'none'}.
 
 **Answer (computed from the verdicts above):** {answer}
@@ -554,7 +576,7 @@ initialisation (Saxe et al. 2014; an exact isometry, so the plain network trains
 lr {cfg.dln_lr:g}, SGD with and without BatchNorm. Santurkar et al. found that BatchNorm does not reduce ICS
 in this sense, and can raise it; the first rows test that early (epoch 1) and late (the last epoch).
 
-{verdict_block(claims, "batchnorm", out, "BatchNorm: ICS and Backforward")}
+{verdict_block(claims, "batchnorm", out, "BatchNorm: ICS and Backforward", runs, cfg.epochs)}
 
 **Answer (computed from the verdicts above):** {answer}
 
@@ -600,11 +622,12 @@ def plan_order(cfg: StudyConfig, out: Path, metrics: dict[str, list[dict]]) -> l
 
 
 def analyse_order(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) -> str:
-    claims, settings, panels, used = [], [], [], []
+    claims, settings, panels, used, named = [], [], [], [], {}
     for depth in cfg.order_depths:
         for lr in cfg.lrs:
             runs = {k: a.of(metrics) for k, a in order_arms(cfg, depth, lr).items()}
             used += [r for rs in runs.values() for r in rs]
+            named |= {f"{k}, depth {depth}, lr {lr:g}": v for k, v in runs.items()}
             where, e = f"depth {depth}, lr {lr:g}", cfg.epochs
             trio = [converges_faster(f"{where}: forward order (removes ICS) converges faster than SGD", runs["sgd"],
                                      runs["forward"], e),
@@ -630,7 +653,7 @@ new weights. Reverse order is not a clean control: it also lets each earlier sta
 stages' new weights (a look-ahead shift of its own), so "forward wins and reverse does not" is
 *consistent with* the gain coming from removing ICS; it does not prove it.
 
-{verdict_block(claims, "order", out, "update order")}
+{verdict_block(claims, "order", out, "update order", named, cfg.epochs)}
 
 **Answer (computed from the verdicts above):** {summary}
 
@@ -687,7 +710,7 @@ def _pairs_section(cfg: StudyConfig, metrics: dict, out: Path, name: str, title:
 
 {intro}
 
-{verdict_block(claims, name, out, title, "plain step", "Backforward")}
+{verdict_block(claims, name, out, title, costs, cfg.epochs, "plain step", "Backforward")}
 
 **Answer (computed from the verdicts above):** {' '.join(f'{c.said()}.' for c in claims)}
 
@@ -759,7 +782,7 @@ def analyse_warmup(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) 
 The paper's MLP (784-{cfg.hidden}-10) at lr {cfg.lr:g}. Warm-up: {warm}. Fine-tuning: each seed's
 SGD-throughout model trained {fe} more epochs with each method.
 
-{verdict_block(claims, "warmup", out, "warm-up and fine-tuning", "SGD", "other arm")}
+{verdict_block(claims, "warmup", out, "warm-up and fine-tuning", runs, cfg.epochs, "SGD", "other arm")}
 
 **Answer (computed from the verdicts above):** {' '.join(f'{c.said()}.' for c in claims)}
 
@@ -794,10 +817,11 @@ def equal_budget(sgd: list[list[dict]], bf: list[list[dict]], key: str) -> tuple
 
 
 def analyse_cost(cfg: StudyConfig, metrics: dict[str, list[dict]], out: Path) -> str:
-    claims, panels, used = [], [], []
+    claims, panels, used, named = [], [], [], {}
     for depth in cfg.cost_depths:
         sgd, bf = (a.of(metrics) for a in pair(cfg, None, depth))
         used += sgd + bf
+        named |= {f"SGD, depth {depth}": sgd, f"Backforward, depth {depth}": bf}
         claims.append(converges_faster(f"depth {depth}: Backforward wins per step", sgd, bf, cfg.epochs))
         for key, measure, unit in (("flops", FLOP_LOSS, "FLOP"), ("train_seconds", SECOND_LOSS, "second")):
             a, b = equal_budget(sgd, bf, key)
@@ -816,7 +840,7 @@ epoch finished within it. FLOPs come from the cost model (`backforward bench` ch
 seconds are measured and noisier (ICS metering on SGD runs is not counted). The other studies'
 tables list FLOPs and seconds per run beside their results.
 
-{verdict_block(claims, "cost", out, "cost")}
+{verdict_block(claims, "cost", out, "cost", named, cfg.epochs)}
 
 **Answer (computed from the verdicts above):** {' '.join(f'{c.said()}.' for c in claims)}
 
@@ -849,6 +873,6 @@ def run_study(name: str, out: Path, quick: bool = False, jobs: int = 1, data_dir
         runs = [r for r in plan(study.plan(cfg, out, metrics)) if r.name not in metrics]
         if not runs:
             break
-        metrics |= run_all(runs, out, jobs, data_dir, desc=f"study {name}")
+        metrics |= run_all(longest_first(runs), out, jobs, data_dir, desc=f"study {name}")
     return write_section(out, name, study.analyse(cfg, metrics, out))
 
