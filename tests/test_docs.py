@@ -47,7 +47,7 @@ def test_readme_results_stand_verbatim_in_the_generated_files():
     assert len(computed) >= 9  # reproduce's summary and toy sentence, an answer per study
     for line in rows + computed:
         assert line in report, line
-    blocks = re.findall(r"```\n(.*?)\n```", results, flags=re.S)
+    blocks = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)\n```$", results, flags=re.S | re.M) if not lang]
     assert blocks[0] == (RESULTS / "bench.txt").read_text().rstrip()
     assert blocks[1] == (RESULTS / "bench-distributed.txt").read_text().rstrip()
     for figure in re.findall(r"\]\((docs/results/[^)#]+)", results):

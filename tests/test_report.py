@@ -177,7 +177,7 @@ def test_compare_pairs_by_seed_and_reports_relative_effect():
     with pytest.raises(ValueError, match="pairs need both arms"):
         compare("c", TRAIN_LOSS, [0.5], [0.6, 0.7])
     diverged = compare("c", VAL_ACC, [0.9, 0.91, math.nan], [0.92, 0.93, 0.5])
-    assert diverged.pairs == 2 and "2 of 3 pairs" in diverged.claim
+    assert diverged.pairs == 2 and diverged.claim == "c (2 of 3 pairs complete)"
 
 
 def test_toy_share_claim():
@@ -240,3 +240,11 @@ def test_diverged_runs_are_listed_and_untestable_rows_leave_the_family():
     assert claims[0].p_adjusted == pytest.approx(0.03) and claims[0].verdict == HOLDS
     assert claims[1].verdict == UNSURE
     assert "(1 that could not be tested left out)" in family_note(claims)
+
+
+def test_count_verdicts():
+    from backforward.experiments.report import count_verdicts
+
+    claims = [Claim("c", TRAIN_LOSS, "", "", Evidence(0, 0, 0, 1, 1, 5), LOWER, 1.0, 5, 5, verdict=v)
+              for v in (HOLDS, SMALL, SMALL, FAILS)]
+    assert count_verdicts(claims) == "holds: 1; holds, below the minimum effect: 2; does not hold: 1"

@@ -43,6 +43,7 @@ class Measure:
     relative: bool
     why: str
     symbol: str = "B − A"  # what the estimate is called in a sentence
+    scale_free: bool = False  # already a ratio (of a loss, over seeds): no "% of A" beside it
 
     def threshold(self, a_mean: float) -> float:
         return self.minimum * abs(a_mean) if self.relative else self.minimum
@@ -67,7 +68,7 @@ WEIGHT_NORM = Measure("final weight L2 norm", 0.01, True,
 ICS_SHIFT = Measure("‖G − G'‖/‖G‖, Linear stages 2..n", 0.1, True, _ICS)
 ICS_ANGLE = Measure("1 − cos∠(G, G'), Linear stages 2..n", 0.1, True, _ICS)
 ADVANTAGE = Measure("Backforward's advantage: (SGD − Backforward) / SGD mean training loss", 0.01, False,
-                    "one percentage point, the training loss's own minimum effect")
+                    "one percentage point, the training loss's own minimum effect", scale_free=True)
 FLOP_LOSS = Measure("training loss at the same FLOP budget", 0.01, True, _COST)
 SECOND_LOSS = Measure("training loss at the same second budget", 0.01, True, _COST)
 TOY_SHARE = Measure("share of seeds with loss ≈ 0 after the step", 0.10, False,
@@ -110,7 +111,8 @@ so each comparison is paired seed by seed.
   **{UNSURE}** otherwise.
 - Settings where neither method trained (final training loss above 99% of ln 10, a uniform guess)
   say nothing about these claims: they are listed, not tested, and not part of a family. A run that
-  diverged (a non-finite loss) leaves its seed's pair out; the claim then says how many pairs remain,
+  diverged (a non-finite loss) leaves its seed's pair out (as does, in the cost study, a run with no
+  epoch within the shared budget); the claim then says how many pairs are complete,
   the section lists every diverged run, and a test left with fewer than 2 pairs is *inconclusive* and
   not counted in the family.
 - A sentence marked "computed" is put together from the verdicts beside it and says no more.
@@ -262,7 +264,7 @@ class Claim:
     def relative(self) -> tuple[float, float, float]:
         """B − A and its CI as % of |A's mean| (NaN where A has no mean)."""
         scale = abs(self.a_mean)
-        if not scale or math.isnan(scale):
+        if not scale or math.isnan(scale) or self.measure.scale_free:
             return math.nan, math.nan, math.nan
         e = self.evidence
         return 100 * e.estimate / scale, 100 * e.lo / scale, 100 * e.hi / scale
@@ -276,7 +278,7 @@ class Claim:
 
 
 def _label(claim: str, pairs: int, planned: int) -> str:
-    return claim if pairs == planned else f"{claim} ({pairs} of {planned} pairs; the others diverged)"
+    return claim if pairs == planned else f"{claim} ({pairs} of {planned} pairs complete)"
 
 
 def compare(claim: str, measure: Measure, a: Sequence[float], b: Sequence[float],
@@ -387,6 +389,8 @@ def claim_row(c: Claim) -> str:
     difference = fmt_ci((e.estimate, e.lo, e.hi))
     pct, lo, hi = c.relative
     relative = "" if math.isnan(pct) else _pct(pct) + ("" if math.isnan(lo) else f" [{_pct(lo)}, {_pct(hi)}]")
+    if c.measure.scale_free:
+        relative = "(a ratio already)"
     if c.verdict == EQUIVALENT:
         p = f"eq. {_p(e.p_equiv)} → {_p(c.p_equiv_adjusted)}"
     else:
@@ -410,9 +414,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 def count_verdicts(claims: Sequence[Claim]) -> str:
-    """"3 hold, 1 holds below the minimum effect, ..." over the given claims, in the order of VERDICTS."""
+    """"holds: 3; holds, below the minimum effect: 1; ..." over the given claims, in the order of VERDICTS."""
     counts = {v: sum(1 for c in claims if c.verdict == v) for v in VERDICTS}
-    return ", ".join(f"{n} {v}" for v, n in counts.items() if n) or "no verdicts"
+    return "; ".join(f"{v}: {n}" for v, n in counts.items() if n) or "no verdicts"
 
 
 def family_note(claims: Sequence[Claim]) -> str:
@@ -532,7 +536,7 @@ def forest_figure(claims: Sequence[Claim], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def _short(text: str, width: int = 90) -> str:
+def _short(text: str, width: int = 84) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
