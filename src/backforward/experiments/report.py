@@ -589,7 +589,7 @@ def training_seconds(runs: Sequence[Sequence[dict]]) -> float:
 README_BEGIN = ("<!-- results: generated from docs/results/REPORT.md by "
                 "`python -m backforward.experiments.report runs/report docs/results README.md`; do not edit -->")
 README_END = "<!-- end of generated results -->"
-README_TABLE_ROWS = 20  # sections with more verdict rows show their answer and figure here; the table is in the report
+README_TABLE_ROWS = 25  # sections with more verdict rows show their answer and figure here; the table is in the report
 _COMMAND = re.compile(r"^Written by `(backforward [^`]+)`")
 _COMPUTED = ("**Summary (computed", "**Answer (computed", "**Toy (computed", "**Not trained**")
 
