@@ -205,7 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_train(sub) -> None:
     from ..optimizer import ORDERS
-    from .train import METHODS, SCHEDULES
+    from .models import ARCHS, INITS
+    from .train import BASES, METHODS, SCHEDULES
 
     p = command(sub, "train", "one resumable training run", "the run folder --out gets config.json (the settings "
                 "and their identity), metrics.jsonl (a line per epoch), checkpoint.pt and status.json; one process "
@@ -230,6 +231,15 @@ def add_train(sub) -> None:
     p.add_argument("--init-from", type=run_folder, default=None, metavar="DIR",
                    help="start from the final model of this run folder (fine-tuning)")
     p.add_argument("--track-ics", action="store_true", help="log per-layer ICS (mean over steps) per epoch")
+    p.add_argument("--ics-every", type=positive(int), default=1, metavar="K",
+                   help="with --track-ics: measure every K-th step")
+    p.add_argument("--arch", choices=ARCHS, default="mlp",
+                   help="mlp, linear (no activations), resmlp (--depth residual blocks) or cnn")
+    p.add_argument("--init", choices=INITS, default="default", help="initial weights: PyTorch's default, kaiming "
+                                                                     "or orthogonal")
+    p.add_argument("--base", choices=BASES, default="sgd",
+                   help="base optimizer: sgd (with --momentum, --weight-decay) or adam")
+    p.add_argument("--eval-train", action="store_true", help="evaluate the training set after each epoch too")
     add_data_dir(p)
     p.add_argument("--device", type=device, default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
     p.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="the run folder")

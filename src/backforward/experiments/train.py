@@ -45,10 +45,11 @@ from .files import (
     read_json,
     read_jsonl,
 )
-from .models import mlp, weight_norms
+from .models import ARCHS, INITS, build, weight_norms
 
 METHODS = ("sgd", "backforward")
 SCHEDULES = ("constant", "cosine")
+BASES = ("sgd", "adam")  # the base optimizer Backforward (or the plain step) uses
 EXTENDABLE = ("epochs",)  # the one setting a resume may change: train a finished run for longer
 EXIT_DIVERGED = 3
 
@@ -72,6 +73,11 @@ class TrainConfig:
     switch_epoch: int = 0           # > 0: Backforward for this many epochs, then SGD (warm-up)
     init_from: str | None = None    # fine-tuning: start from this run folder's final model
     track_ics: bool = False
+    arch: str = "mlp"               # mlp, linear (no activations), resmlp (depth = residual blocks), cnn
+    init: str = "default"           # default (PyTorch's), kaiming, orthogonal: see models.initialise
+    base: str = "sgd"               # base optimizer: sgd (with momentum, weight_decay) or adam
+    ics_every: int = 1              # with track_ics: measure on every k-th step of an epoch
+    eval_train: bool = False        # also evaluate the training set after each epoch (generalisation gap)
     data_dir: str | None = None
     device: str = "cpu"
 
@@ -79,7 +85,7 @@ class TrainConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
-        for name in ("lr", "epochs", "batch_size", "hidden", "depth"):
+        for name in ("lr", "epochs", "batch_size", "hidden", "depth", "ics_every"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 problems.append(f"{name.replace('_', '-')} must be positive, got {value}")
@@ -91,6 +97,9 @@ class TrainConfig:
             problems.append(f"unknown order {self.order!r} (choose from {', '.join(ORDERS)})")
         if self.schedule not in SCHEDULES:
             problems.append(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
+        for name, allowed in (("arch", ARCHS), ("init", INITS), ("base", BASES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(allowed)})")
         if self.switch_epoch and self.method != "backforward":
             problems.append("switch-epoch needs method backforward")
         if problems:
@@ -157,7 +166,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def build_model(config: TrainConfig) -> nn.Sequential:
-    return mlp(config.depth, config.hidden, batchnorm=config.batchnorm)
+    return build(config.arch, config.depth, config.hidden, batchnorm=config.batchnorm, init=config.init)
+
+
+def build_base(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.base == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 class FirstPassOutputs:
@@ -224,8 +239,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         torch.manual_seed(config.seed + 7919 * rank)  # other dropout masks on other ranks, as in plain DDP
     if init_state is not None:
         _load_into(model, init_state["model"], Path(config.init_from) / "checkpoint.pt")
-    base = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    base = build_base(config, model.parameters())
     backforward = Backforward(model, base, order=config.order, track_ics=config.track_ics)
     with folder_lock(out) if writer else nullcontext():
         metrics, written = _prepare(out, config, resume, model, base, rank, device)
@@ -280,7 +294,8 @@ def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.
             batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world].to(device)
             xb, yb = x_train[batch], y_train[batch]
             loss_fn.outputs = None
-            if config.track_ics and not use_backforward:
+            metered = config.track_ics and step % config.ics_every == 0
+            if metered and not use_backforward:
                 meter_start = time.perf_counter()
                 _collect(ics, _plain_ics(model, xb, yb, base.param_groups[0]["lr"]))
                 metering += time.perf_counter() - meter_start
@@ -290,7 +305,7 @@ def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.
                 raise _diverged(out, writer, epoch, step, str(e)) from None
             if not math.isfinite(float(loss)):
                 raise _diverged(out, writer, epoch, step, f"non-finite loss {float(loss)}")
-            if config.track_ics and use_backforward:
+            if metered and use_backforward:
                 _collect(ics, backforward.last_report)
             n = len(yb)
             sums += torch.tensor([float(loss) * n, float((loss_fn.outputs.argmax(1) == yb).sum()), n],
@@ -310,8 +325,11 @@ def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.
                   "val_loss": val_loss, "val_acc": val_acc, "weight_norm": norms.pop("total"),
                   "layer_norms": norms, "method": "backforward" if use_backforward else "sgd",
                   "flops": cumulative_flops, "seconds": seconds, "train_seconds": cumulative_seconds}
+        if config.eval_train:
+            record["train_eval_loss"], record["train_eval_acc"] = evaluate(model, x_train, y_train)
         if ics:
-            record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1])} for name, v in ics.items()}
+            record["ics"] = {name: {"grad_shift": _mean(v[0]), "grad_cosine": _mean(v[1]), "grad_norm": _mean(v[2]),
+                                    "rel_shift": _mean(v[3])} for name, v in ics.items()}
         rng_states = launch.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
         with launch.interrupts_deferred():  # an epoch counts once it is saved, and is saved whole
             metrics.append(record)
@@ -348,10 +366,12 @@ def _plain_ics(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, lr: float):
 
 
 def _collect(ics: dict[str, list[list[float]]], report) -> None:
-    for name, shift, cosine in zip(report.stage_names, report.grad_shift, report.grad_cosine, strict=True):
-        entry = ics.setdefault(name, [[], []])
-        entry[0].append(shift)
-        entry[1].append(cosine)
+    """Per stage: ‖G − G'‖, cos∠(G, G'), ‖G‖ and the scale-free ‖G − G'‖/‖G‖ of one step."""
+    for name, shift, cosine, norm in zip(report.stage_names, report.grad_shift, report.grad_cosine,
+                                         report.grad_norm, strict=True):
+        entry = ics.setdefault(name, [[], [], [], []])
+        for values, value in zip(entry, (shift, cosine, norm, shift / norm if norm > 0 else math.nan), strict=True):
+            values.append(value)
 
 
 def _mean(values: list[float]) -> float:
