@@ -100,6 +100,7 @@ class StageGradients:
         self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
         self.user_leaves = False    # the closure backpropagates to tensors of its own: scan every call
         self.placeholders: set[int] = set()
+        self.stage_params = [list(s.params) for s in setup.stages]
 
     def begin(self, j: int) -> None:
         self.j, self.calls = j, 0
@@ -181,10 +182,11 @@ class StageGradients:
                 self._read_graph([loss])
             self.calls = 1
             self._show_stage_k_alone(others=True)
-        for p in self.stages[self.k].params:
-            if id(p.grad) in self.placeholders:
-                p.grad = None  # an unused stage: no gradient, no update
-        self.placeholders.clear()
+        if self.placeholders:
+            for p in self.stages[self.k].params:
+                if id(p.grad) in self.placeholders:
+                    p.grad = None  # an unused stage: no gradient, no update
+            self.placeholders.clear()
         return self.k
 
     def _meter_pass(self) -> bool:
@@ -216,7 +218,7 @@ class StageGradients:
             return None
         if self._meter_pass():
             return [p for s in self.stages for p in s.params] + own
-        return [*self.stages[self.k].params, *own]
+        return [*self.stage_params[self.k], *own] if own else self.stage_params[self.k]
 
     def _show_stage_k_alone(self, others: bool) -> None:
         """Move other stages' gradients aside (into G for the meter); a stage with none shows zeros."""
@@ -233,10 +235,12 @@ class StageGradients:
                     self.start_grads[id(p)] = p.grad if held is None else held + p.grad
                 p.grad = None
         mine = self.stages[k].params
-        if all(p.grad is None for p in mine):
-            for p in mine:
-                p.grad = torch.zeros_like(p)
-                self.placeholders.add(id(p.grad))
+        for p in mine:
+            if p.grad is not None:
+                return
+        for p in mine:
+            p.grad = torch.zeros_like(p)
+            self.placeholders.add(id(p.grad))
 
 
 def closure_pass(closure: Callable[[], torch.Tensor]) -> RunPass:
@@ -273,7 +277,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
     used: dict[int, list[torch.Tensor | None]] = {}
     measured: dict[int, list[torch.Tensor | None]] = {}
-    losses: torch.Tensor | None = None  # one slot per pass, on the loss's device: no host read in between
+    losses: list[torch.Tensor] = []  # on the loss's device: no host read in between
     finite_grads: list[torch.Tensor] = []
     skipped = False
     try:
@@ -285,10 +289,11 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             k = gradients.finish(loss)
             replay.after_pass(j)
             stage = stages[k]
-            if losses is None:
-                losses = torch.empty(len(stages), dtype=loss.dtype, device=loss.device)
-            value = losses[j:j + 1]
-            value.copy_(loss.detach().reshape(1))
+            value = loss.detach().reshape(1)
+            if setup.reduce is not None:
+                value = value.clone()  # averaged in place with the gradients
+            del loss  # the parts of its graph the restricted backward did not run would live on into the next pass
+            losses.append(value)
             measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
             if setup.rollback or not keep or setup.grad_scaler is not None:
                 undo.save(stage.params)
@@ -301,7 +306,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             for p in stage.params:
                 p.grad = None  # later passes and base steps must not see it
         replay.finish()
-        values = losses if losses is not None else torch.zeros(0)
+        values = torch.cat(losses) if losses else torch.zeros(0)
         skipped = _check_finite(setup, gradients, values, finite_grads)
         if skipped or not keep:
             undo.restore()

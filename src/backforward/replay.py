@@ -25,8 +25,7 @@ def rng_snapshot() -> RngState:
     Not the CUDA generators while a CUDA graph is being captured: their state cannot be
     read or set then, and ``cuda_graphs`` refuses forwards that draw random numbers.
     """
-    cuda = (torch.cuda.is_available() and torch.cuda.is_initialized()
-            and not torch.cuda.is_current_stream_capturing())
+    cuda = torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing()
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda else None)
 
 
@@ -225,7 +224,7 @@ class Rollback:
                 self.params.append((p, p.detach().clone()))
                 if self.state is not None:
                     saved = self.state.get(p)
-                    self.states.append((p, None if saved is None else {k: _copy(v) for k, v in saved.items()}))
+                    self.states.append((p, saved and {k: _copy(v) for k, v in saved.items()}))
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -236,4 +235,4 @@ class Rollback:
                 if saved is None:
                     self.state.pop(p, None)
                 else:
-                    self.state[p] = saved
+                    self.state[p] = saved  # an empty dict stays empty
