@@ -240,7 +240,7 @@ class Backforward(torch.optim.Optimizer):
                 self._graphs[key] = None
                 if not any(g is None for k, g in self._graphs.items() if k != key):
                     warnings.warn(f"backforward: step_batch runs the generic engine on {type(self.model).__name__}: "
-                                  f"{reason}", stacklevel=5)
+                                  f"{reason}", stacklevel=6)
         return self._graphs[key]
 
     def _current_plan(self) -> _Plan:
