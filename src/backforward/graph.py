@@ -291,6 +291,7 @@ class GraphEngine:
         self._whole = _whole_pass(graph)
         self._cache: dict[int, tuple[Any, tuple[int, ...]]] = {}
         self._rng: dict[int, RngState] = {}
+        self._batch: set[int] = set()  # storage of the step's inputs
 
     @property
     def kind(self) -> str:
@@ -301,14 +302,16 @@ class GraphEngine:
         return self.volatile != self.graph.volatile
 
     def kept_tensors(self) -> list[torch.Tensor]:
-        """The values held between passes (for memory accounting)."""
+        """The values held between passes (for memory accounting; views of the batch are the caller's)."""
         return [t for value, _ in self._cache.values() for t in pytree.tree_leaves(value)
-                if isinstance(t, torch.Tensor)]
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self._batch]
 
     def make_pass(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor]) -> RunPass:
         """The pass function for one step on this batch (nothing is kept from the step before)."""
         self._cache.clear()
         self._rng.clear()
+        self._batch = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(inputs)
+                       if isinstance(t, torch.Tensor)}
         whole = False
 
         def run(j: int, gradients: StageGradients) -> torch.Tensor:
@@ -350,17 +353,25 @@ class GraphEngine:
         return not changed
 
 
+def stage_uses(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[int]]:
+    """Per op, the stages whose parameters it uses itself."""
+    stage_of = {id(p): k for k, s in enumerate(stages) for p in s.params}
+    return [frozenset(stage_of[p] for p in op.params if p in stage_of) for op in graph.ops]
+
+
+def dependencies(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[int]]:
+    """Per op, the stages its value depends on: those it uses and those the values it reads depend on."""
+    depends: list[frozenset[int]] = []
+    for op, uses in zip(graph.ops, stage_uses(graph, stages), strict=True):
+        depends.append(uses.union(*(depends[r] for r in op.reads)))
+    return depends
+
+
 def recompute_sets(graph: ModelGraph, stages: Sequence[Stage], order: Sequence[int]) -> list[frozenset[int]]:
     """Per pass, the ops it evaluates: all in the first; later, those depending on the stage that moved last or
     on the stage it updates, with every op touching a buffer they touch, and volatile values they read."""
     ops = graph.ops
-    stage_of = {id(p): k for k, s in enumerate(stages) for p in s.params}
-    depends: list[frozenset[int]] = []
-    for op in ops:
-        d = {stage_of[p] for p in op.params if p in stage_of}
-        for r in op.reads:
-            d |= depends[r]
-        depends.append(frozenset(d))
+    depends = dependencies(graph, stages)
     touching: dict[int, set[int]] = {}
     for i, op in enumerate(ops):
         if not op.free:

@@ -63,57 +63,74 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_DIR = "runs/bench"
+
+
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="step time and memory: sgd, the paper's loop, generic and fast engines")
+    from .bench import MODELS
+
+    p = sub.add_parser("bench", help="step time and memory: sgd, the paper's loop, generic and fast engines, "
+                                     "against a measured-cost and a FLOP model")
     p.add_argument("--threads", type=positive(int), default=1,
                    help="torch threads (default 1, so ratios measure work, not threading)")
-    p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (median)")
-    p.add_argument("--warmup", type=non_negative_int, default=3)
-    p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8], help="MLP hidden layers")
-    p.add_argument("--width", type=positive(int), default=512)
-    p.add_argument("--batch-size", type=positive(int), default=128)
-    p.add_argument("--no-cnn", action="store_true", help="leave out the small CNN")
+    p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (median; default 20)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8],
+                   help="hidden layers of the width --width MLPs (default 1 2 4 8)")
+    p.add_argument("--width", type=positive(int), default=512, help="MLP width (default 512)")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="batch of the MLPs and the CNN (default 128)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
+                   help=f"which models (default all: {' '.join(MODELS)}); small-mlp: width 64, batch 16, "
+                        "depths 2 4 8; resnet, transformer, lstm: batch 32")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
-    p.add_argument("--plot", default="bench.png", help="where to write the step-time-vs-depth figure")
+    p.add_argument("--out", default=BENCH_DIR, help=f"folder for the figure (default {BENCH_DIR})")
     p.add_argument("--profile", action="store_true",
                    help="instead: where a plain SGD step of each model spends CPU time (torch.profiler)")
     p.add_argument("--distributed", action="store_true",
-                   help="instead: all-reduce calls and bytes per step, Backforward vs DDP, on 2 gloo processes")
+                   help="instead: Backforward vs DDP on 2 gloo processes (all-reduce calls, bytes, time) beside an "
+                        "alpha-beta model of their scaling to 1024 processes")
     p.set_defaults(run=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
+    from pathlib import Path
 
     import torch
     from tqdm import tqdm
 
-    from .bench import bench_model, default_suite, format_table, plot, records_as_dicts
+    from .bench import bench_model, default_suite, format_table, plot, records_as_dicts, variants
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {out} is a file, not a folder")
     torch.set_num_threads(args.threads)
+    suite = default_suite(args.models, args.depths, args.width, args.batch_size)
     if args.distributed:
-        from .bench import comm_records, format_comm
+        from .bench import comm_records, format_comm, scaling
 
-        comm = comm_records(args.depths, args.width, args.batch_size)
-        print(json.dumps([asdict(r) for r in comm], indent=1) if args.json else format_comm(comm))
+        comm = comm_records(suite, steps=args.steps)
+        print(json.dumps([asdict(r) for r in comm], indent=1) if args.json else format_comm(comm, scaling(comm)))
         return 0
-    suite = list(default_suite(args.depths, args.width, args.batch_size, not args.no_cnn))
     if args.profile:
-        from .bench import profile_sgd_step
+        from .bench import example_batch, profile_sgd_step
 
-        for name, _, model, x, y in suite:
-            print(f"{name}: plain SGD step, {args.threads} thread(s)\n{profile_sgd_step(model, x, y)}")
+        for entry in suite:
+            print(f"{entry.name}: plain SGD step, {args.threads} thread(s)\n"
+                  f"{profile_sgd_step(entry.build(), *example_batch(entry))}")
         return 0
     records = []
-    with tqdm(total=len(suite) * (args.steps + args.warmup), desc="bench", unit="round",
-              disable=not sys.stderr.isatty()) as bar:
-        for name, depth, model, x, y in suite:
-            records += bench_model(name, depth, model, x, y, args.steps, args.warmup, progress=bar)
+    rounds = len(suite) * (args.steps + args.warmup)
+    with tqdm(total=rounds, desc="bench", unit="round", disable=not sys.stderr.isatty()) as bar:
+        for entry in suite:
+            if not sys.stderr.isatty():
+                print(f"bench: {entry.name} ({len(variants(entry))} variants)", file=sys.stderr)
+            records += bench_model(entry, args.steps, args.warmup, progress=bar)
     print(json.dumps(records_as_dicts(records), indent=1) if args.json else format_table(records, args.threads))
-    if args.plot:
-        plot(records, args.plot)
-        print(f"figure: {args.plot}", file=sys.stderr)
+    figure = out / "bench.png"
+    plot(records, str(figure))
+    print(f"figure: {figure}", file=sys.stderr)
     return 0
 
 
