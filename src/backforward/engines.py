@@ -243,6 +243,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             replay.after_pass(j)
             stage = stages[k]
             value = loss.detach().reshape(1).clone()
+            del loss  # the parts of its graph the restricted backward did not run would live on into the next pass
             measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
             if setup.rollback or not keep or setup.grad_scaler is not None:
                 undo.save(stage.params)
