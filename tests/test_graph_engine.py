@@ -59,6 +59,24 @@ def passes(calls: list[str]) -> list[list[str]]:
     return out
 
 
+class BesideReference:
+    """The model stepped by step_batch beside a copy stepped by reference_step, on the stages named."""
+
+    def __init__(self, model: nn.Module, names: list[str], momentum: float = 0.0):
+        self.model = model
+        stages = [list(model.get_submodule(n).parameters()) for n in names]
+        self.ref, self.ref_stages = clone(model, stages)
+        self.ref_opt = torch.optim.SGD(self.ref.parameters(), lr=0.1, momentum=momentum)
+        self.bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum))
+
+    def step(self, x, y, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        reference_step(self.ref, self.ref_opt, self.ref_stages, lambda: backward(F.cross_entropy(self.ref(x), y)))
+        torch.manual_seed(seed)
+        self.bf.step_batch(x, y, F.cross_entropy)
+        assert_same_params(self.model, self.ref)
+
+
 @pytest.mark.parametrize("order", ["forward", "reverse"])
 def test_each_pass_recomputes_what_depends_on_the_moved_stage_or_its_own(order):
     torch.manual_seed(0)
@@ -90,18 +108,13 @@ def test_graph_engine_step_equals_reference_and_keeps_nothing_after_the_step():
     torch.manual_seed(1)
     model = SideBranch()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    stages = [list(getattr(model, n).parameters()) for n in ("stem", "side", "a", "b", "head")]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    twins = BesideReference(model, ["stem", "side", "a", "b", "head"], momentum=0.9)
     held = []
     for _ in range(4):
-        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
-        bf.step_batch(x, y, F.cross_entropy)
-        held.append(bf._held_between_passes())
-    assert bf._engine == "graph"
+        twins.step(x, y)
+        held.append(twins.bf._held_between_passes())
+    assert twins.bf._engine == "graph"
     assert held == [[]] * 4
-    assert_same_params(model, ref)
 
 
 def test_kept_values_are_counted_while_the_step_runs():
@@ -151,22 +164,15 @@ def test_untraceable_models_fall_back_to_the_generic_engine_saying_why_once(kind
     if kind == "hook":
         model.register_forward_hook(lambda m, a, out: out * 1.0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    stages = [list(model.l1.parameters()), list(model.l2.parameters())]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    twins = BesideReference(model, ["l1", "l2"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for t in range(3):
-            torch.manual_seed(t)
-            reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
-            torch.manual_seed(t)
-            bf.step_batch(x, y, F.cross_entropy)
+            twins.step(x, y, seed=t)
     said = [str(w.message) for w in caught]
-    assert bf._engine == "generic"
+    assert twins.bf._engine == "generic"
     assert len(said) == 1 and reason in said[0] and "\n" not in said[0], said
     assert caught[0].filename == __file__  # it points at the caller's step_batch
-    assert_same_params(model, ref)
 
 
 class ModeBranch(nn.Module):
@@ -186,17 +192,12 @@ def test_a_mode_change_traces_again():
     torch.manual_seed(4)
     model = ModeBranch()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    stages = [list(model.l1.parameters()), list(model.l2.parameters())]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    twins = BesideReference(model, ["l1", "l2"])
     for mode in (True, True, False, False, True):
         model.train(mode)
-        ref.train(mode)
-        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
-        bf.step_batch(x, y, F.cross_entropy)
-        assert_same_params(model, ref)
-    assert bf._engine == "graph" and len(bf._graphs) == 2
+        twins.ref.train(mode)
+        twins.step(x, y)
+    assert twins.bf._engine == "graph" and len(twins.bf._graphs) == 2
 
 
 def test_a_value_modified_in_place_is_recomputed_not_kept():
@@ -218,13 +219,8 @@ def test_a_value_modified_in_place_is_recomputed_not_kept():
     torch.manual_seed(5)
     model = InPlace()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    stages = [list(getattr(model, n).parameters()) for n in ("stem", "a", "skip", "head")]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    twins = BesideReference(model, ["stem", "a", "skip", "head"])
     for _ in range(4):
-        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
-        bf.step_batch(x, y, F.cross_entropy)
-        assert_same_params(model, ref)
-    graph = next(iter(bf._graphs.values()))
+        twins.step(x, y)
+    graph = next(iter(twins.bf._graphs.values()))
     assert [graph.ops[i].name for i in graph.volatile] == ["a"]
