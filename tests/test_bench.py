@@ -123,7 +123,7 @@ def test_bench_records_and_the_memory_bound():
     torch.manual_seed(0)
     entry = tiny("mlp2x16", lambda: nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                                                   nn.Linear(16, 10)), batch=8)
-    records = bench_model(entry, steps=2, warmup=1, repeats=1)
+    records = bench_model(entry, steps=2, warmup=1)
     assert [(r.method, r.rollback) for r in records] == [("sgd", True), ("paper", True), ("generic", True),
                                                          ("fast", True), ("fast", False)]
     by = {(r.method, r.rollback): r for r in records}
@@ -150,7 +150,7 @@ def test_graph_engine_keeps_no_more_than_sgd_saves_but_the_transformer_embedding
                tiny("lstm", lambda: LSTMClassifier(hidden=4)),
                tiny("transformer", lambda: DigitTransformer(width=8, layers=1, heads=2, hidden=8))]
     for entry in entries:
-        records = bench_model(entry, steps=1, warmup=1, repeats=1)
+        records = bench_model(entry, steps=1, warmup=1)
         sgd = next(r for r in records if r.method == "sgd")
         for r in records:
             if r.method == "fast":

@@ -35,6 +35,7 @@ whole; only plain containers are traced through.
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from collections.abc import Callable, Sequence
@@ -240,11 +241,12 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
     """The traced graph must give what ``forward()`` gives on this batch, bit for bit (tracing fixes Python
     branches, e.g. on ``isinstance``, at the values it saw)."""
     rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
     try:
-        plain = model(example)
+        plain = detach(model(example))
         rng_restore(rng)
         buffers.put_back()
-        traced = _run_whole(graph, example)
+        traced = detach(_run_whole(graph, example))
     finally:
         rng_restore(rng)
         buffers.put_back()
@@ -270,7 +272,7 @@ def _run_whole(graph: ModelGraph, inputs: Any) -> Any:
 
 @dataclass
 class _PassPlan:
-    steps: list[tuple[int, Callable[[Env], Any], bool, int, tuple[int, ...]]]  # op, evaluate, keep, rng, frees
+    steps: list[tuple[int, Callable[[Env], Any], bool, bool, tuple[int, ...]]]  # op, evaluate, keep, rng, frees
     loads: tuple[int, ...]    # values read from earlier passes
     drops: tuple[int, ...]    # ... for the last time
 

@@ -10,8 +10,8 @@ also runs without rollback (what the failed-step guarantee costs) and, where a m
 blocks, at coarser stage granularities.
 
 Every variant of one model is timed interleaved in one process, so drift hits each alike;
-medians. Each method's time relative to SGD's is compared with the measured-cost model and
-the FLOP model (``cost.py``). Memory is counted, not timed: the bytes autograd saves for
+medians. Each method's time relative to SGD's is compared with the measured-cost model (its
+pieces timed in the same rounds) and the FLOP model (``cost.py``). Memory is counted, not timed: the bytes autograd saves for
 backward (parameters excluded) plus the values the fast engine keeps between passes, at the
 step's peak; and the copy of parameters and optimizer state the rollback holds.
 """
@@ -33,7 +33,7 @@ from ..optimizer import Backforward
 from ..reference import reference_step
 from ..stages import Stage
 from .bench_models import DigitTransformer, LSTMClassifier, ResNet
-from .cost import Costs, flop_costs, measured_costs
+from .cost import CostMeter, Costs, flop_costs, measured_costs
 from .models import mlp, small_cnn
 
 LOSS = nn.functional.cross_entropy
@@ -234,7 +234,7 @@ def on_model(model: nn.Module, stepper: Stepper) -> list[Stage]:
     return [Stage(str(k), tuple(params[position[id(p)]] for p in stage)) for k, stage in enumerate(stepper.stages)]
 
 
-def bench_model(entry: BenchModel, steps: int = 20, warmup: int = 3, lr: float = 1e-3, repeats: int = 5,
+def bench_model(entry: BenchModel, steps: int = 20, warmup: int = 3, lr: float = 1e-3,
                 progress=None) -> list[Record]:
     torch.manual_seed(0)
     model = entry.build()
@@ -251,19 +251,22 @@ def bench_model(entry: BenchModel, steps: int = 20, warmup: int = 3, lr: float =
             s.step()
         saved[s.variant] = counter.peak
     by_granularity = {s.variant.granularity: s for s in steppers if s.variant.method == "fast" and s.variant.rollback}
-    stage_sets = [on_model(model, by_granularity[g]) for g in entry.granularities]
-    measured = dict(zip(entry.granularities, measured_costs(model, x, y, LOSS, stage_sets,
-                                                            lambda ps: torch.optim.SGD(ps, lr=lr), repeats),
-                        strict=True))
-    flops = {g: flop_costs(model, x, stages) for g, stages in zip(entry.granularities, stage_sets, strict=True)}
+    measured_model = copy.deepcopy(model)
+    meter = CostMeter(measured_model, x, y, LOSS, [on_model(measured_model, by_granularity[g])
+                                                   for g in entry.granularities],
+                      lambda ps: torch.optim.SGD(ps, lr=lr))
+    meter.round()  # a warm-up round, dropped
     times: dict[Variant, list[float]] = {s.variant: [] for s in steppers}
     for _ in range(steps):
         for s in steppers:  # interleaved: drift hits every variant alike
             start = time.perf_counter()
             s.step()
             times[s.variant].append(time.perf_counter() - start)
+        meter.round()  # the cost model's pieces, timed in the same rounds
         if progress is not None:
             progress.update(1)
+    measured = dict(zip(entry.granularities, meter.costs(), strict=True))
+    flops = {g: flop_costs(model, x, on_model(model, by_granularity[g])) for g in entry.granularities}
     sgd_ms = statistics.median(times[Variant("sgd")]) * 1e3
     records = []
     for s in steppers:

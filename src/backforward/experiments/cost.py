@@ -15,8 +15,8 @@ runs (elementwise ones, such as normalisation, count their outputs; parameter-fr
 count nothing); an input gradient and a weight gradient cost as much as the forward;
 updates cost nothing. On a chain of n equal stages: SGD 3n − 1, fast n² + 2n − 1.
 
-**Measured-cost model**: each op's forward time, B, every B_k, U and every U_k timed once
-on the model (medians of a few repeats). It counts what FLOPs leave out (pooling,
+**Measured-cost model**: each op's forward time, B, every B_k, U and every U_k timed on
+the model (medians over rounds; the bench interleaves them with its timings). It counts what FLOPs leave out (pooling,
 normalisation, attention's softmax, the loss) and leaves out only the engine's own
 bookkeeping, so a method's measured time over its prediction is that bookkeeping.
 """
@@ -157,65 +157,88 @@ def _params(graph: ModelGraph, i: int) -> list[nn.Parameter]:
 
 # ---- measured times ----
 
-def measured_costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
-                   stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable, repeats: int = 5) -> list[Costs]:
-    """The measured pieces for each set of stages (each in forward order), timed on a copy of ``model``."""
-    m = copy.deepcopy(model)
-    by_id = dict(zip((id(p) for p in model.parameters()), m.parameters(), strict=True))
-    sets = [[Stage(s.name, tuple(by_id[id(p)] for p in s.params)) for s in stages] for stages in stage_sets]
-    graph, _ = model_plan(m, x, sets[0])
-    plans = [recompute_sets(graph, stages, list(range(len(stages)))) for stages in sets]
-    ops = graph.ops
-    forward: list[list[float]] = [[] for _ in range(len(ops) + 1)]
-    backward: list[float] = []
-    update: list[float] = []
-    stage_backward = [[[] for _ in stages] for stages in sets]
-    stage_update = [[[] for _ in stages] for stages in sets]
-    params = list(m.parameters())
-    everything = make_optimizer(params)
+class CostMeter:
+    """Times the pieces of a step on ``model`` (which it trains: give it a copy), a round at a time, so that
+    its rounds can be interleaved with other timings; ``costs()`` gives the medians, for each set of stages."""
 
-    def run_forward(timed: bool) -> torch.Tensor:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
+                 stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable):
+        self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
+        self.stage_sets = [list(stages) for stages in stage_sets]
+        self.graph, _ = model_plan(model, x, self.stage_sets[0])
+        self.plans = [recompute_sets(self.graph, stages, list(range(len(stages)))) for stages in self.stage_sets]
+        self.params = list(model.parameters())
+        self.optimizer = make_optimizer(self.params)
+        self.stage_optimizers = [[make_optimizer(list(stage.params)) for stage in stages] for stages in stage_sets]
+        self.forward: list[list[float]] = [[] for _ in range(len(self.graph.ops) + 1)]  # ops, then the loss
+        self.backward: list[float] = []
+        self.update: list[float] = []
+        self.stage_backward = [[[] for _ in stages] for stages in self.stage_sets]
+        self.stage_update = [[[] for _ in stages] for stages in self.stage_sets]
+
+    def round(self) -> None:
+        """One measurement of every piece."""
+        self._zero()
+        loss = self._forward(timed=True)
+        self.backward.append(_timed(loss.backward))
+        self.update.append(_timed(self.optimizer.step))
+        for s, stages in enumerate(self.stage_sets):
+            for k, stage in enumerate(stages):
+                self._zero()
+                loss = self._forward(timed=False)
+                self.stage_backward[s][k].append(_timed(
+                    lambda loss=loss, stage=stage: torch.autograd.backward(loss, inputs=list(stage.params))))
+                self.stage_update[s][k].append(_timed(self.stage_optimizers[s][k].step))
+        self._zero()
+
+    def costs(self) -> list[Costs]:
+        forward = [_median(v) for v in self.forward]
+        forward[0] = 0.0  # the input
+        return [Costs(forward, _median(self.backward), [_median(v) for v in self.stage_backward[s]],
+                      _median(self.update), [_median(v) for v in self.stage_update[s]], self.plans[s])
+                for s in range(len(self.stage_sets))]
+
+    def _forward(self, timed: bool) -> torch.Tensor:
+        ops = self.graph.ops
         env: list = [None] * len(ops)
-        env[0] = x
+        env[0] = self.x
         for i, op in enumerate(ops[1:], start=1):
             start = time.perf_counter()
             env[i] = op.evaluate(env)
             if timed:
-                forward[i].append(time.perf_counter() - start)
+                self.forward[i].append(time.perf_counter() - start)
         start = time.perf_counter()
-        loss = loss_fn(env[-1], y)
+        loss = self.loss_fn(env[-1], self.y)
         if timed:
-            forward[-1].append(time.perf_counter() - start)
+            self.forward[-1].append(time.perf_counter() - start)
         return loss
 
-    def timed(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    for _ in range(repeats + 1):  # the first round warms up and is dropped
-        for p in params:
+    def _zero(self) -> None:
+        for p in self.params:
             p.grad = None
-        loss = run_forward(timed=True)
-        backward.append(timed(loss.backward))
-        update.append(timed(everything.step))
-        for s, stages in enumerate(sets):
-            for k, stage in enumerate(stages):
-                for p in params:
-                    p.grad = None
-                loss = run_forward(timed=False)
-                stage_backward[s][k].append(timed(lambda loss=loss, stage=stage: torch.autograd.backward(
-                    loss, inputs=list(stage.params))))
-                stage_update[s][k].append(timed(make_optimizer(list(stage.params)).step))
-    for p in params:
-        p.grad = None
 
-    def median(values: list[float]) -> float:
-        return statistics.median(values[1:]) if len(values) > 1 else 0.0
 
-    op_forward = [median(v) for v in forward]
-    return [Costs(op_forward, median(backward), [median(v) for v in stage_backward[s]], median(update),
-                  [median(v) for v in stage_update[s]], plans[s]) for s in range(len(sets))]
+def measured_costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
+                   stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable, repeats: int = 5) -> list[Costs]:
+    """The measured pieces for each set of stages of ``model`` (in forward order), timed on a copy of it."""
+    m = copy.deepcopy(model)
+    by_id = dict(zip((id(p) for p in model.parameters()), m.parameters(), strict=True))
+    sets = [[Stage(s.name, tuple(by_id[id(p)] for p in s.params)) for s in stages] for stages in stage_sets]
+    meter = CostMeter(m, x, y, loss_fn, sets, make_optimizer)
+    for _ in range(repeats + 1):
+        meter.round()
+    return meter.costs()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median(values: list[float]) -> float:
+    """The median without the first value (a warm-up)."""
+    return statistics.median(values[1:]) if len(values) > 1 else 0.0
 
 
 # ---- the closed form on a chain (what training runs count) ----
