@@ -87,7 +87,7 @@ def model_graph(model: nn.Module, example: Any) -> ModelGraph:
     """The graph of ``model``'s forward: its children for a plain ``nn.Sequential``, else traced by fx."""
     if model._forward_hooks or model._forward_pre_hooks:
         raise Refusal("the model has forward hooks, which a graph of its calls would not fire")
-    if _global_hooks():
+    if global_hooks():
         raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
     if plain_sequential(model):
         return chain_graph(model)
@@ -516,7 +516,7 @@ def _ambient() -> tuple:
             torch.is_autocast_enabled("cuda"), None if hooks is None else tuple(id(h) for h in hooks))
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     from torch.nn.modules import module
 
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

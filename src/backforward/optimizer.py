@@ -13,7 +13,7 @@ from torch import nn
 
 from . import distributed
 from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass
-from .graph import GraphEngine, ModelGraph, Refusal, model_graph, plain_sequential
+from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential
 from .ics import ICSReport, gradient_shift
 from .replay import buffer_slots
 from .stages import Stage, StageSpec, find_stages, parameter_names
@@ -231,7 +231,8 @@ class Backforward(torch.optim.Optimizer):
         where it cannot be read as one."""
         model = self.model
         # A chain calls its children whole; a traced graph fixed the Python branches a module's mode or hooks took.
-        key = (tuple(map(id, model)) if plain_sequential(model) else
+        hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
+        key = (hooked, tuple(map(id, model)) if plain_sequential(model) else
                tuple((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
         if key not in self._graphs:
             try:

@@ -11,9 +11,10 @@ blocks, at coarser stage granularities.
 
 Every variant of one model is timed interleaved in one process, so drift hits each alike;
 medians. Each method's time relative to SGD's is compared with the measured-cost model (its
-pieces timed in the same rounds) and the FLOP model (``cost.py``). Memory is counted, not timed: the bytes autograd saves for
-backward (parameters excluded) plus the values the fast engine keeps between passes, at the
-step's peak; and the copy of parameters and optimizer state the rollback holds.
+pieces timed in the same rounds) and the FLOP model (``cost.py``). Memory is counted, not
+timed: the bytes autograd saves for backward (parameters excluded) plus the values the fast
+engine keeps between passes, at the step's peak; and the copy of parameters and optimizer
+state the rollback holds.
 """
 
 from __future__ import annotations
