@@ -10,11 +10,12 @@ also runs without rollback (what the failed-step guarantee costs) and, where a m
 blocks, at coarser stage granularities.
 
 Every variant of one model is timed interleaved in one process, so drift hits each alike;
-medians. Each method's time relative to SGD's is compared with the measured-cost model (its
-pieces timed in the same rounds) and the FLOP model (``cost.py``). Memory is counted, not
-timed: the bytes autograd saves for backward (parameters excluded) plus the values the fast
-engine keeps between passes, at the step's peak; and the copy of parameters and optimizer
-state the rollback holds.
+medians of the process's CPU time with one torch thread (other processes on a shared machine
+then do not count), of wall time with more. Each method's time relative to SGD's is compared
+with the measured-cost model (its pieces timed in the same rounds) and the FLOP model
+(``cost.py``). Memory is counted, not timed: the bytes autograd saves for backward
+(parameters excluded) plus the values the fast engine keeps between passes, at the step's
+peak; and the copy of parameters and optimizer state the rollback holds.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..optimizer import Backforward
 from ..reference import reference_step
 from ..stages import Stage
 from .bench_models import DigitTransformer, LSTMClassifier, ResNet
-from .cost import CostMeter, Costs, flop_costs, measured_costs
+from .cost import CostMeter, Costs, flop_costs, measured_costs, work_clock
 from .models import mlp, small_cnn
 
 LOSS = nn.functional.cross_entropy
@@ -258,11 +259,12 @@ def bench_model(entry: BenchModel, steps: int = 20, warmup: int = 3, lr: float =
                       lambda ps: torch.optim.SGD(ps, lr=lr))
     meter.round()  # a warm-up round, dropped
     times: dict[Variant, list[float]] = {s.variant: [] for s in steppers}
+    clock = work_clock()
     for _ in range(steps):
         for s in steppers:  # interleaved: drift hits every variant alike
-            start = time.perf_counter()
+            start = clock()
             s.step()
-            times[s.variant].append(time.perf_counter() - start)
+            times[s.variant].append(clock() - start)
         meter.round()  # the cost model's pieces, timed in the same rounds
         if progress is not None:
             progress.update(1)
@@ -350,8 +352,10 @@ def notes(records: Sequence[Record]) -> list[str]:
 
 
 def format_table(records: Sequence[Record], threads: int) -> str:
-    lines = [f"backforward bench: {threads} thread(s), median ms/step, interleaved; predicted: the measured-cost "
-             "model, flops: the FLOP model (each relative to SGD); over/pass: ms per pass beyond the prediction",
+    clock = "process CPU time" if threads == 1 else "wall time"
+    lines = [f"backforward bench: {threads} thread(s), median ms/step of {clock}, interleaved; predicted: the "
+             "measured-cost model, flops: the FLOP model (each relative to SGD); over/pass: ms per pass beyond the "
+             "prediction",
              f"{'model':<12}{'depth':>5}{'batch':>6}{'n':>4} {'stages':<8}{'method':<8}{'engine':<10}{'ms/step':>9}"
              f"{'x sgd':>7}{'predicted':>10}{'meas/pred':>10}{'flops':>7}{'over/pass':>10}{'saved bytes':>13}"
              f"{'rollback bytes':>16}"]
@@ -577,7 +581,7 @@ def comm_worker(rank: int, world: int, store: str, suite_args: tuple, steps: int
             step()  # Backforward finds its stage order and graph, DDP builds its buckets
         stages = [list(s.params) for s in bf.stages]
         costs = measured_costs(bf_model, xs, ys, LOSS, [[Stage(str(k), tuple(s)) for k, s in enumerate(stages)]],
-                               lambda ps: torch.optim.SGD(ps, lr=1e-3))[0]
+                               lambda ps: torch.optim.SGD(ps, lr=1e-3), clock=time.perf_counter)[0]  # waits count
         predicted = costs.predict()
         dist.all_reduce = counting_all_reduce
         times: dict[str, list[float]] = {"backforward": [], "ddp": []}

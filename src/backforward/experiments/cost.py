@@ -157,13 +157,21 @@ def _params(graph: ModelGraph, i: int) -> list[nn.Parameter]:
 
 # ---- measured times ----
 
+def work_clock() -> Callable[[], float]:
+    """The clock for timing steps: with one torch thread, this process's CPU time (so other processes on a
+    shared machine do not count); with more, wall time."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 class CostMeter:
     """Times the pieces of a step on ``model`` (which it trains: give it a copy), a round at a time, so that
     its rounds can be interleaved with other timings; ``costs()`` gives the medians, for each set of stages."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
-                 stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable):
+                 stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable,
+                 clock: Callable[[], float] | None = None):
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
+        self.clock = clock or work_clock()
         self.stage_sets = [list(stages) for stages in stage_sets]
         self.graph, _ = model_plan(model, x, self.stage_sets[0])
         self.plans = [recompute_sets(self.graph, stages, list(range(len(stages)))) for stages in self.stage_sets]
@@ -180,15 +188,15 @@ class CostMeter:
         """One measurement of every piece."""
         self._zero()
         loss = self._forward(timed=True)
-        self.backward.append(_timed(loss.backward))
-        self.update.append(_timed(self.optimizer.step))
+        self.backward.append(self._timed(loss.backward))
+        self.update.append(self._timed(self.optimizer.step))
         for s, stages in enumerate(self.stage_sets):
             for k, stage in enumerate(stages):
                 self._zero()
                 loss = self._forward(timed=False)
-                self.stage_backward[s][k].append(_timed(
+                self.stage_backward[s][k].append(self._timed(
                     lambda loss=loss, stage=stage: torch.autograd.backward(loss, inputs=list(stage.params))))
-                self.stage_update[s][k].append(_timed(self.stage_optimizers[s][k].step))
+                self.stage_update[s][k].append(self._timed(self.stage_optimizers[s][k].step))
         self._zero()
 
     def costs(self) -> list[Costs]:
@@ -202,16 +210,22 @@ class CostMeter:
         ops = self.graph.ops
         env: list = [None] * len(ops)
         env[0] = self.x
+        clock = self.clock
         for i, op in enumerate(ops[1:], start=1):
-            start = time.perf_counter()
+            start = clock()
             env[i] = op.evaluate(env)
             if timed:
-                self.forward[i].append(time.perf_counter() - start)
-        start = time.perf_counter()
+                self.forward[i].append(clock() - start)
+        start = clock()
         loss = self.loss_fn(env[-1], self.y)
         if timed:
-            self.forward[-1].append(time.perf_counter() - start)
+            self.forward[-1].append(clock() - start)
         return loss
+
+    def _timed(self, fn: Callable[[], object]) -> float:
+        start = self.clock()
+        fn()
+        return self.clock() - start
 
     def _zero(self) -> None:
         for p in self.params:
@@ -219,21 +233,16 @@ class CostMeter:
 
 
 def measured_costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable,
-                   stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable, repeats: int = 5) -> list[Costs]:
+                   stage_sets: Sequence[Sequence[Stage]], make_optimizer: Callable, repeats: int = 5,
+                   clock: Callable[[], float] | None = None) -> list[Costs]:
     """The measured pieces for each set of stages of ``model`` (in forward order), timed on a copy of it."""
     m = copy.deepcopy(model)
     by_id = dict(zip((id(p) for p in model.parameters()), m.parameters(), strict=True))
     sets = [[Stage(s.name, tuple(by_id[id(p)] for p in s.params)) for s in stages] for stages in stage_sets]
-    meter = CostMeter(m, x, y, loss_fn, sets, make_optimizer)
+    meter = CostMeter(m, x, y, loss_fn, sets, make_optimizer, clock)
     for _ in range(repeats + 1):
         meter.round()
     return meter.costs()
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _median(values: list[float]) -> float:
