@@ -16,9 +16,10 @@ count nothing); an input gradient and a weight gradient cost as much as the forw
 updates cost nothing. On a chain of n equal stages: SGD 3n − 1, fast n² + 2n − 1.
 
 **Measured-cost model**: each op's forward time, B, every B_k, U and every U_k timed on
-the model (medians over rounds; the bench interleaves them with its timings). It counts what FLOPs leave out (pooling,
-normalisation, attention's softmax, the loss) and leaves out only the engine's own
-bookkeeping, so a method's measured time over its prediction is that bookkeeping.
+the model (medians over rounds; the bench interleaves them with its own timings). It counts
+what FLOPs leave out (pooling, normalisation, attention's softmax, the loss) and leaves out
+only the engine's own bookkeeping, so a method's measured time over its prediction is that
+bookkeeping.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ import torch
 from torch import nn
 
 from ..graph import ModelGraph, Refusal, dependencies, model_graph, recompute_sets, stage_uses
+from ..replay import BufferValues, buffer_slots, rng_restore, rng_snapshot
 from ..stages import Stage
-
-METHODS = ("sgd", "paper", "generic", "fast")
 
 
 @dataclass
@@ -99,7 +99,7 @@ def flop_costs(model: nn.Module, x: torch.Tensor, stages: Sequence[Stage]) -> Co
     """The FLOP model's pieces for ``stages`` (in forward order)."""
     graph, recomputed = model_plan(model, x, stages)
     n = len(stages)
-    forward = _op_flops(graph, x)
+    forward = _op_flops(model, graph, x)
     uses, depends = stage_uses(graph, stages), dependencies(graph, stages)
     owned = [{id(p) for p in s.params} for s in stages]
 
@@ -120,7 +120,7 @@ def flop_costs(model: nn.Module, x: torch.Tensor, stages: Sequence[Stage]) -> Co
                  recomputed)
 
 
-def _op_flops(graph: ModelGraph, x: torch.Tensor) -> list[float]:
+def _op_flops(model: nn.Module, graph: ModelGraph, x: torch.Tensor) -> list[float]:
     """Per op, the multiply-adds of the parameter-owning modules it runs."""
     total = [0.0]
 
@@ -132,6 +132,7 @@ def _op_flops(graph: ModelGraph, x: torch.Tensor) -> list[float]:
     everything = {id(m): m for top in modules.values() for m in top.modules()}
     handles = [m.register_forward_hook(count) for m in everything.values()]
     flops = []
+    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
     try:
         with torch.no_grad():
             env: list = [None] * len(graph.ops)
@@ -144,6 +145,8 @@ def _op_flops(graph: ModelGraph, x: torch.Tensor) -> list[float]:
     finally:
         for h in handles:
             h.remove()
+        rng_restore(rng)  # counting runs the model: it leaves no trace
+        buffers.put_back()
     return flops
 
 
