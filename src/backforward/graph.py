@@ -512,8 +512,12 @@ def _first_line(e: BaseException) -> str:
 def _ambient() -> tuple:
     """Autograd state a traced graph cannot record."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
-            torch.is_autocast_enabled("cuda"), None if hooks is None else tuple(id(h) for h in hooks))
+    try:
+        autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    except TypeError:  # torch < 2.4
+        autocast = (torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled())
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+            None if hooks is None else tuple(id(h) for h in hooks))
 
 
 def global_hooks() -> bool:
