@@ -146,6 +146,9 @@ class Untraceable(nn.Module):
         if self.kind == "no_grad":
             with torch.no_grad():
                 h = h * 2
+        elif self.kind == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = torch.tanh(h)
         elif self.kind == "random":
             h = h + torch.rand(6)  # drawn at trace time: the same numbers in every call
         elif self.kind == "isinstance" and not isinstance(h, torch.Tensor):
@@ -155,7 +158,8 @@ class Untraceable(nn.Module):
         return self.l2(torch.tanh(h))
 
 
-@pytest.mark.parametrize("kind, reason", [("no_grad", "grad mode"), ("random", "random numbers"),
+@pytest.mark.parametrize("kind, reason", [("no_grad", "grad mode"), ("autocast", "autocast"),
+                                          ("random", "random numbers"),
                                           ("isinstance", "does not compute what forward() computes"),
                                           ("control flow", "cannot trace"), ("hook", "hooks")])
 def test_untraceable_models_fall_back_to_the_generic_engine_saying_why_once(kind, reason):
