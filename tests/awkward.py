@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from backforward.experiments.bench_models import DigitTransformer, LSTMClassifier, ResNet
+
 F = nn.functional
 Params = list[nn.Parameter]
 
@@ -328,6 +330,56 @@ def residual() -> Case:
                 lambda m, t: [own(m.stem), own(m.block[0]), own(m.block[2]), own(m.head)])
 
 
+def flat_digits(n: int = 3, batch: int = 4, classes: int = 10, seed: int = 0) -> list:
+    return batches(n, (784,), classes, batch, seed)
+
+
+def block_stages(block: nn.Module) -> list[Params]:
+    # conv1, bn1, conv2, bn2, then the shortcut (computed after bn2 in forward)
+    names = ["conv1", "bn1", "conv2", "bn2"] + (["downsample.0", "downsample.1"] if block.downsample else [])
+    return [own(block.get_submodule(n)) for n in names]
+
+
+def resnet_stages(m: ResNet, t: int) -> list[Params]:
+    return [own(m.stem[0]), own(m.stem[1]), *block_stages(m.blocks[0]), *block_stages(m.blocks[1]), own(m.head)]
+
+
+def resnet() -> Case:
+    """torchvision's basic block: in-place ReLU, ``out += identity``, a 1x1 shortcut with BatchNorm."""
+    torch.manual_seed(0)
+    return Case(ResNet(widths=(3, 4)).double(), flat_digits(), resnet_stages)
+
+
+def resnet_finetune() -> Case:
+    """Fine-tuning: the stem frozen, BatchNorm reading its running statistics (eval mode)."""
+    case = resnet()
+    m = case.model
+    m.stem.requires_grad_(False)
+    for module in m.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    case.stages = lambda m, t: resnet_stages(m, t)[2:]
+    return case
+
+
+def digit_transformer() -> Case:
+    """Pre-norm encoder blocks with dropout (attention weights too); the model owns its position embedding."""
+    torch.manual_seed(0)
+    m = DigitTransformer(width=8, layers=2, heads=2, hidden=16, dropout=0.2).double()
+
+    def stages(m: DigitTransformer, t: int) -> list[Params]:
+        per_block = [[own(b.norm1), own(b.attention), own(b.attention.out_proj), own(b.norm2), own(b.mlp[0]),
+                      own(b.mlp[2])] for b in m.blocks]
+        return [own(m.embed), [m.position], *per_block[0], *per_block[1], own(m.norm), own(m.head)]
+
+    return Case(m, flat_digits(), stages)
+
+
+def lstm_classifier() -> Case:
+    torch.manual_seed(0)
+    return Case(LSTMClassifier(hidden=5).double(), flat_digits(), lambda m, t: [own(m.lstm), own(m.head)])
+
+
 CASES = {
     "frozen": frozen, "frozen_explicit": frozen_explicit, "reused": reused,
     "reused_inside_blocks": reused_inside_blocks,
@@ -337,8 +389,10 @@ CASES = {
     "transformer_train": transformer_train, "transformer_eval_masked": transformer_eval_masked,
     "recurrent": recurrent, "logit_scale": logit_scale, "attention": attention, "batchnorm": batchnorm,
     "batchnorm_eval": batchnorm_eval, "conv_batchnorm": conv_batchnorm, "buffer_reader": buffer_reader,
-    "dropout": dropout_mlp, "residual": residual,
+    "dropout": dropout_mlp, "residual": residual, "resnet": resnet, "resnet_finetune": resnet_finetune,
+    "digit_transformer": digit_transformer, "lstm_classifier": lstm_classifier,
 }
+UNTRACEABLE = {"branch": "control flow", "checkpoint": "checkpointing", "checkpoint_reentrant": "checkpointing"}
 
 
 def momentum(model: nn.Module) -> torch.optim.Optimizer:

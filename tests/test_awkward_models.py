@@ -1,12 +1,15 @@
 """Both entry points against the reference on the models researchers train, over several steps, in float64."""
 
 import copy
+import warnings
 
 import pytest
 import torch
-from awkward import BASES, CASES, Case
+from awkward import BASES, CASES, UNTRACEABLE, Case
+from torch import nn
 
 from backforward import Backforward, reference_step
+from backforward.graph import plain_sequential
 
 
 def backward(loss):
@@ -26,11 +29,26 @@ def twins(case: Case):
     return ref, mirror
 
 
+class Traced(nn.Module):
+    """A model with its own forward around an nn.Sequential: step_batch must trace it (no chain)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def run(case: Case, entry: str, base: str, order: str = "forward"):
-    """Step the engine and the reference side by side; compare everything a step leaves behind."""
+    """Step the engine and the reference side by side; compare everything a step leaves behind.
+
+    ``entry`` "traced" is ``step_batch`` on a model torch.fx must trace (a chain is wrapped).
+    """
     model, (ref, mirror) = case.model, twins(case)
     spec = case.spec(model) if case.spec else None
-    engine = Backforward(model, BASES[base](model), stages=spec, order=order)
+    stepped = Traced(model) if entry == "traced" and plain_sequential(model) else model
+    engine = Backforward(stepped, BASES[base](model), stages=spec, order=order)
     ref_opt = BASES[base](ref)
     for t, (x, y) in enumerate(case.batches):
         stages = [mirror(s) for s in case.stages(model, t)]
@@ -76,8 +94,29 @@ def test_awkward_model_equals_reference(name, entry):
     run(CASES[name](), entry, "momentum")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_case_that_traces_runs_on_the_graph_engine_and_equals_reference(name):
+    """Each case (a chain wrapped in a module with its own forward) through torch.fx; those fx cannot trace
+    exactly run the generic engine, with one warning of one line saying why."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = run(CASES[name](), "traced", "momentum")
+    said = [str(w.message) for w in caught if "backforward" in str(w.message)]
+    if name in UNTRACEABLE:
+        assert engine._engine == "generic"
+        assert len(said) == 1 and "\n" not in said[0] and "generic engine" in said[0], said
+        assert UNTRACEABLE[name] in said[0] or "trace" in said[0], said
+    else:
+        assert engine._engine == "graph" and not said, said
+
+
+@pytest.mark.parametrize("name", ["resnet", "digit_transformer", "residual", "tied", "dropout"])
+def test_graph_engine_equals_reference_in_reverse_order(name):
+    run(CASES[name](), "traced", "adam", order="reverse")
+
+
 @pytest.mark.parametrize("base", ["adam", "adamw2"])
-@pytest.mark.parametrize("name", ["frozen", "tied", "transformer_train", "batchnorm", "branch"])
+@pytest.mark.parametrize("name", ["frozen", "tied", "transformer_train", "batchnorm", "branch", "resnet"])
 def test_awkward_model_equals_reference_with_adaptive_bases(name, base):
     run(CASES[name](), "step_batch", base)
 

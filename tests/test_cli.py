@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-from backforward.experiments.bench import Record, format_table
 from backforward.experiments.cli import build_parser, main
 from backforward.experiments.train import TrainConfig, train
 
@@ -158,8 +157,8 @@ def test_progress_line_by_hand(monkeypatch):
 def test_toy_and_bench_print_progress_lines_off_a_terminal(tmp_path, capsys):
     assert main(["toy", "--seeds", "2", "--hidden", "16"]) == 0
     assert "toy: 2/2 seeds, " in capsys.readouterr().err
-    assert main(["bench", "--steps", "2", "--warmup", "1", "--depths", "1", "--width", "8", "--batch-size", "4",
-                 "--no-cnn", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--steps", "2", "--warmup", "1", "--models", "mlp", "--depths", "1", "--width", "8",
+                 "--batch-size", "4", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("bench: 1/3 rounds, ") and lines[-2].startswith("bench: 3/3 rounds, ")
 
@@ -178,22 +177,8 @@ def test_sweeps_print_progress_lines_off_a_terminal(tmp_path, capsys):
 
 def test_bench_writes_its_figure_under_runs_not_into_the_current_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["bench", "--steps", "1", "--warmup", "0", "--depths", "1", "--width", "8", "--batch-size", "4",
-                 "--no-cnn"]) == 0
+    assert main(["bench", "--steps", "1", "--warmup", "0", "--models", "mlp", "--depths", "1", "--width", "8",
+                 "--batch-size", "4"]) == 0
     assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()] == ["runs/bench/bench.png"]
     assert "figure: runs/bench/bench.png" in capsys.readouterr().err
-
-
-def test_bench_target_lines_name_the_depth_and_say_the_bounds_are_one_sided():
-    records = [Record(model, depth, method, ms, ms / sgd, pred, saved)
-               for model, depth, sgd in (("mlp1x8", 1, 1.0), ("mlp3x8", 3, 2.0))
-               for method, ms, pred, saved in (("sgd", sgd, 1.0, 10), ("paper", 3 * sgd, 3.0, 10),
-                                               ("generic", 2 * sgd, 1.6, 9), ("fast", 1.5 * sgd, 1.5, 8))]
-    lines = [line for line in format_table(records, 1).splitlines() if line.startswith(("met", "MISS"))]
-    assert lines[0] == ("met   mlp1x8 (depth 1): fast measured/predicted <= 1.15 (one-sided: an upper bound, "
-                        "faster than predicted passes): 1.00")
-    assert lines[1].startswith("MISS  mlp1x8 (depth 1): generic measured/predicted <= 1.2 (one-sided")
-    assert lines[2] == "met   mlp1x8 (depth 1): fast saved bytes <= sgd's (one-sided): 8 vs 10"
-    assert lines[-1] == "met   mlp3x8 (depth 3): fast >= 2.0x faster than paper (one-sided: a lower bound): 2.00x"
-    assert all("(depth " in line and "one-sided" in line for line in lines)
 

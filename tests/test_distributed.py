@@ -101,13 +101,17 @@ def test_torchrun_bad_argument_exits_2_from_every_rank_in_one_line(tmp_path):
 
 
 def test_bench_distributed_counts_one_all_reduce_per_pass():
-    from backforward.experiments.bench import comm_records
+    from backforward.experiments.bench import comm_records, default_suite
+    from backforward.experiments.models import mlp
 
-    records = {(r.model, r.method): r for r in comm_records([1, 3], width=16, batch=8, steps=2)}
+    records = {(r.model, r.method): r for r in comm_records(default_suite(["mlp"], [1, 3], 16, 8), steps=2)}
     for depth in (1, 3):
         bf, ddp = records[(f"mlp{depth}x16", "backforward")], records[(f"mlp{depth}x16", "ddp")]
         n = depth + 1
-        assert bf.allreduce_calls_per_step == n
+        parameter_bytes = 4 * sum(p.numel() for p in mlp(depth, 16).parameters())
+        assert bf.calls_per_step == bf.predicted_calls == n
         # Gradients once, plus each pass's loss and one flag per parameter tensor (did this process use it?).
-        assert bf.allreduce_bytes_per_step == bf.parameter_bytes + 4 * n + 4 * 2 * n
-        assert ddp.allreduce_bytes_per_step == ddp.parameter_bytes
+        assert bf.bytes_per_step == bf.predicted_bytes == parameter_bytes + 4 * n + 4 * 2 * n
+        assert ddp.bytes_per_step == ddp.predicted_bytes == parameter_bytes
+        assert ddp.calls_per_step == ddp.predicted_calls == 1  # one bucket: under DDP's first 1 MiB
+        assert bf.ms_per_step > 0 and bf.predicted_ms > bf.compute_ms > 0

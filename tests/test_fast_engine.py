@@ -1,4 +1,5 @@
-"""The fast engine: the same answer as the reference, with the recomputation the cost model promises."""
+"""The fast engine on chains (nn.Sequential): the same answer as the reference, with the recomputation the cost
+model promises."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from conftest import BASES, assert_same_params, clone, linear_stages
 from torch import nn
 
 from backforward import Backforward, reference_step
-from backforward.chain import ChainEngine, plan
+from backforward.graph import GraphEngine, chain_graph
 
 F = nn.functional
 
@@ -18,15 +19,31 @@ def count_calls(model: nn.Sequential) -> list[int]:
     return counts
 
 
-def test_plan_by_hand():
-    # Stages at children 0, 2, 4 (Linear, ReLU, Linear, ReLU, Linear), forward order:
-    # pass 1 from the input; pass 2 from child 0 (stage 1 moved); pass 3 from child 2 (stage 2 moved),
-    # whose input pass 2 stores and pass 3 drops after reading.
-    assert plan([0, 2, 4]) == ([0, 0, 2], [set(), {2}, set()], [False, False, True])
-    # Reverse: stage 3 then 2 then 1. Pass 2 must reach stage 2 at child 2; pass 3 stage 1 at child 0.
-    assert plan([4, 2, 0]) == ([0, 2, 0], [{2}, set(), set()], [False, True, False])
-    # Two stages in one child (a block): both later passes start from that child's input.
-    assert plan([0, 3, 3, 5]) == ([0, 0, 3, 3], [set(), {3}, set(), set()], [False, False, False, True])
+def chain_plan(model: nn.Sequential, stages: list[nn.Module], order: list[int]):
+    """Per pass: the children it runs, and the child outputs it reads from an earlier pass (child indices)."""
+    found = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=stages).stages
+    engine = GraphEngine(chain_graph(model), found, order)
+    # Op i + 1 calls child i; a loaded value u + 1 is the output of child u.
+    runs = [sorted(i - 1 for i in ops if 0 < i <= len(model)) for ops in engine.recomputed]
+    loads = [[u - 1 for u in plan.loads] for plan in engine._plans]
+    return runs, loads
+
+
+def test_chain_plan_by_hand():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    # Stages at children 0, 2, 4, forward order: pass 1 runs every child; pass 2 from child 0 (stage 1 moved);
+    # pass 3 from child 2 (stage 2 moved), reading child 1's output, kept by pass 2.
+    linears = [model[0], model[2], model[4]]
+    assert chain_plan(model, linears, [0, 1, 2]) == ([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [2, 3, 4]], [[], [], [1]])
+    # Reverse: stage 3, then 2, then 1. Pass 2 must reach stage 2 at child 2, reading child 1's output from
+    # pass 1; pass 3 reaches stage 1 at child 0.
+    assert chain_plan(model, linears, [2, 1, 0]) == ([[0, 1, 2, 3, 4], [2, 3, 4], [0, 1, 2, 3, 4]], [[], [1], []])
+    # Two stages in one child (a block): both passes after the block's first stage moved start at the block,
+    # reading child 0's output, kept by pass 2.
+    block = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)), nn.Linear(3, 3))
+    stages = [block[0], block[1][0], block[1][1], block[2]]
+    assert chain_plan(block, stages, [0, 1, 2, 3]) == ([[0, 1, 2], [0, 1, 2], [1, 2], [1, 2]],
+                                                       [[], [], [0], [0]])
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])
@@ -104,20 +121,38 @@ def test_dropout_and_batchnorm_chain_with_blocks_equals_reference():
         reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
         torch.manual_seed(100 + t)
         bf.step_batch(x, y, F.cross_entropy)
-    assert ChainEngine.supports(model, bf.stages)
+    assert bf._engine == "chain"
     assert_same_params(model, ref)
 
 
-def test_non_chains_fall_back_to_the_generic_engine():
+def test_a_sequential_with_its_own_forward_is_traced_not_chained():
     class Doubling(nn.Sequential):
         def forward(self, x):
             return super().forward(x) * 2
 
-    for model in (Doubling(nn.Linear(3, 3), nn.Linear(3, 2)), nn.ModuleList([nn.Linear(3, 3)])):
-        opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=list(model))
-        assert not ChainEngine.supports(model, opt.stages)
-    shared = nn.Linear(3, 3)
-    assert not ChainEngine.supports(nn.Sequential(shared, nn.ReLU(), shared), [])
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    for model, engine in ((nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), "chain"),
+                          (Doubling(nn.Linear(3, 3), nn.Linear(3, 2)), "graph")):
+        opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        opt.step_batch(x, y, F.cross_entropy)
+        assert opt._engine == "generic"  # the first step finds the stage order
+        opt.step_batch(x, y, F.cross_entropy)
+        assert opt._engine == engine
+
+
+def test_shared_children_stay_on_the_fast_engine_and_exact():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    stages = [list(model[0].parameters()), list(shared.parameters()), list(model[5].parameters())]
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
+        bf.step_batch(x, y, F.cross_entropy)
+    assert bf._engine == "chain"
+    assert_same_params(model, ref)
 
 
 def _backward(loss):

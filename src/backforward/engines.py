@@ -10,7 +10,7 @@
 
 A pass is a function that computes the loss and its backward: the user's closure run
 whole (the generic engine, any ``nn.Module``), or a fast pass that recomputes only what
-changed (``chain.ChainEngine``). Whatever computes it, every parameter keeps its
+changed (``graph.GraphEngine``). Whatever computes it, every parameter keeps its
 ``requires_grad`` in every pass, so each pass runs exactly the forward a plain step
 runs, and the backward of pass k computes stage k's weight gradients alone.
 """

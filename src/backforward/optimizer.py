@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .chain import ChainEngine
 from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass
+from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential
 from .ics import ICSReport, gradient_shift
 from .replay import InputModified, buffer_slots
 from .stages import Stage, StageSpec, find_stages, parameter_names
@@ -73,9 +74,9 @@ class Backforward(torch.optim.Optimizer):
     schedulers, ``state_dict``, ``zero_grad`` and ``add_param_group`` work unchanged.
     ``step(closure)`` calls the closure (compute the loss, call ``backward()``, return the
     loss) once per stage and returns the first pass's loss; ``step_batch(inputs, targets,
-    loss_fn)`` gives the same result, fast on an ``nn.Sequential``. Both are one optimizer
-    step to step hooks and schedulers; the base optimizer's own step runs (and fires its
-    hooks) once per pass.
+    loss_fn)`` gives the same result, fast on an ``nn.Sequential`` or any model ``torch.fx``
+    traces (``graph.py``). Both are one optimizer step to step hooks and schedulers; the
+    base optimizer's own step runs (and fires its hooks) once per pass.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, stages: StageSpec = None,
@@ -117,6 +118,8 @@ class Backforward(torch.optim.Optimizer):
         self._stage_spec = stages if stages is None or isinstance(stages, str) else [
             item if isinstance(item, (nn.Module, torch.Tensor)) else list(item) for item in stages]
         self._plan: _Plan | None = None
+        self._graphs: dict[tuple, ModelGraph | None] = {}  # the model read as a graph, per module structure
+        self._engine = "generic"                            # the engine the last step ran
         self._check_held(optimizer.param_groups)
         self._current_plan()  # bad stages raise here, before any step
         self._initialising = True
@@ -165,6 +168,7 @@ class Backforward(torch.optim.Optimizer):
                             "grad_scaler= to Backforward and call step(closure), not scaler.step(optimizer)")
         if isinstance(closure, _Batch):
             return self._run_batch(closure.inputs, closure.targets, closure.loss_fn).losses[0]
+        self._engine = "generic"
         return self._run(self._current_plan(), closure_pass(closure), follow_graph=True).losses[0]
 
     def step_batch(self, inputs: Any, targets: Any,
@@ -173,9 +177,9 @@ class Backforward(torch.optim.Optimizer):
         return self.step(_Batch(inputs, targets, loss_fn))
 
     def _held_between_passes(self) -> list[torch.Tensor]:
-        """Activations a fast engine keeps from one pass for later ones (for memory accounting)."""
+        """Values the fast engine keeps from one pass for later ones (for memory accounting)."""
         plan = self._plan
-        return [t for chain in (plan.chains.values() if plan else ()) if chain for t in chain.cached_activations()]
+        return [t for engine in (plan.engines.values() if plan else ()) for t in engine.kept_tensors()]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._initialising:  # Optimizer.__init__ adding the base optimizer's groups again
@@ -191,11 +195,12 @@ class Backforward(torch.optim.Optimizer):
     def _run_batch(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor], *,
                    keep: bool = True, capturing: bool = False) -> StepResult:
         plan = self._current_plan()
-        chain = self._chain(plan)
-        run_pass = (chain.make_pass(inputs, targets, loss_fn) if chain is not None
+        fast = self._fast(plan, inputs)
+        run_pass = (fast.make_pass(inputs, targets, loss_fn) if fast is not None
                     else batch_pass(self.model, inputs, targets, loss_fn))
+        self._engine = fast.kind if fast is not None else "generic"
         tensors = _tensors(inputs)
-        result = self._run(plan, run_pass, follow_graph=chain is None, keep=keep, capturing=capturing,
+        result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
                            inputs=tensors)
         if tensors and not capturing:
             plan.inputs_modified = result.inputs_modified or (plan.inputs_modified is True)
@@ -246,17 +251,38 @@ class Backforward(torch.optim.Optimizer):
     def _scaler(self) -> Any:
         return self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
 
-    def _chain(self, plan: _Plan) -> ChainEngine | None:
-        """The fast engine for this plan and order, once the forward order is known and the model is a chain."""
+    def _fast(self, plan: _Plan, inputs: Any) -> GraphEngine | None:
+        """The fast engine for this plan and order, once the forward order is known and the model reads as a graph."""
         if not plan.ordered:
+            return None
+        graph = self._graph(inputs)
+        if graph is None:
             return None
         forward = list(range(len(plan.stages)))
         order = tuple(forward[::-1] if self.order == "reverse" else forward)
-        key = (tuple(id(s) for s in plan.stages), order)
-        if key not in plan.chains:
-            chain = ChainEngine.supports(self.model, plan.stages)
-            plan.chains[key] = ChainEngine(self.model, plan.stages, order) if chain else None  # type: ignore[arg-type]
-        return plan.chains[key]
+        key = (id(graph), tuple(id(s) for s in plan.stages), order)
+        engine = plan.engines.get(key)
+        if engine is None or engine.stale():
+            engine = plan.engines[key] = GraphEngine(graph, plan.stages, order)
+        return engine
+
+    def _graph(self, inputs: Any) -> ModelGraph | None:
+        """The model as a graph of calls (traced again when a module's mode or hooks change); None, said once,
+        where it cannot be read as one."""
+        model = self.model
+        # A chain calls its children whole; a traced graph fixed the Python branches a module's mode or hooks took.
+        hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
+        key = (hooked, tuple(map(id, model)) if plain_sequential(model) else
+               tuple((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = model_graph(self.model, inputs)
+            except Refusal as reason:
+                self._graphs[key] = None
+                if not any(g is None for k, g in self._graphs.items() if k != key):
+                    warnings.warn(f"backforward: step_batch runs the generic engine on {type(self.model).__name__}: "
+                                  f"{reason}", stacklevel=_outside_this_package())
+        return self._graphs[key]
 
     def _current_plan(self) -> _Plan:
         """The stages of the parameters held now that require grad; found again when that set changes."""
@@ -335,7 +361,7 @@ class _Plan:
     scaler_views: dict[int, _GradView]
     parameters: frozenset[int]              # ids of every parameter of the model
     inputs_modified: bool | None = None     # whether the model modifies step_batch's input (None: not known yet)
-    chains: dict[tuple, ChainEngine | None] = field(default_factory=dict)
+    engines: dict[tuple, GraphEngine] = field(default_factory=dict)
 
 
 def _ics_report(setup: StepSetup, result: StepResult, in_forward: Sequence[int]) -> ICSReport:
@@ -357,6 +383,18 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for item in value.values() for t in _tensors(item)]
     return []
+
+
+def _outside_this_package() -> int:
+    """The stack level of the first caller outside backforward and torch.optim (for a warning to point at)."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.optim.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _check_order(order: str) -> None:

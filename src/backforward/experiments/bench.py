@@ -1,47 +1,125 @@
-"""``backforward bench``: step time and memory of SGD, the paper's loop, and the two engines.
+"""``backforward bench``: step time and memory of SGD, the paper's loop and Backforward's engines, against cost models.
 
-Methods are timed interleaved in one process, so machine drift hits each alike, and
-compared with the cost model (``cost.py``) computed from each stage's FLOPs.
+Models: the paper's MLP at several depths (width 512, batch 128); the same at width 64,
+batch 16, where the engine's own per-pass work shows; the small CNN; and three models with
+their own forward (``bench_models``): a ResNet, a Transformer encoder classifier, an LSTM
+classifier. Methods: ``sgd`` (a plain step), ``paper`` (``reference_step``: n full passes),
+``generic`` (``Backforward.step``: the closure whole in every pass) and ``fast``
+(``step_batch``: the chain or graph engine; the engine column says which ran). ``fast``
+also runs without rollback (what the failed-step guarantee costs) and, where a model has
+blocks, at coarser stage granularities.
 
-Memory is counted, not timed: bytes autograd saves for backward (parameters excluded),
-plus the activations the fast engine caches between passes, at the step's peak.
+Every variant of one model is timed interleaved in one process, so drift hits each alike;
+medians of the process's CPU time with one torch thread (other processes on a shared machine
+then do not count), of wall time with more. Each method's time relative to SGD's is compared
+with the measured-cost model (its pieces timed in the same rounds) and the FLOP model
+(``cost.py``). Memory is counted, not timed: the bytes autograd saves for backward
+(parameters excluded) plus the values the fast engine keeps between passes, at the step's
+peak; and the copy of parameters and optimizer state the rollback holds.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from ..optimizer import Backforward
 from ..reference import reference_step
-from .cost import predicted_units, stage_flops
+from ..stages import Stage
+from .bench_models import DigitTransformer, LSTMClassifier, ResNet
+from .cost import CostMeter, Costs, flop_costs, measured_costs, work_clock
 from .models import mlp, small_cnn
 
-METHODS = ("sgd", "paper", "generic", "fast")
-TARGETS = {"fast_vs_predicted": 1.15, "generic_vs_predicted": 1.2, "fast_speedup_over_paper": 2.0}
-UPPER = "one-sided: an upper bound, faster than predicted passes"
+LOSS = nn.functional.cross_entropy
+MODELS = ("mlp", "small-mlp", "cnn", "resnet", "transformer", "lstm")
+SMALL = {"width": 64, "batch": 16, "depths": (2, 4, 8)}  # the paper's own size, where overhead shows
+BLOCK_BATCH = 32  # the ResNet, Transformer and LSTM
+TARGETS = {"fast_vs_predicted": 1.15, "small_fast_vs_predicted": 1.25, "generic_vs_predicted": 1.2,
+           "graph_speedup_over_generic": 1.3, "graph_target_min_stages": 8, "fast_speedup_over_paper": 2.0,
+           "distributed_time_factor": 1.5}
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    family: str                     # one of MODELS
+    depth: int                      # hidden layers (MLP), blocks or layers
+    batch: int
+    build: Callable[[], nn.Module]
+    granularities: tuple[str, ...] = ("module",)
+
+
+def default_suite(models: Iterable[str], depths: Sequence[int], width: int, batch: int) -> list[BenchModel]:
+    chosen = set(models)
+    suite = []
+    if "mlp" in chosen:
+        suite += [BenchModel(f"mlp{d}x{width}", "mlp", d, batch, lambda d=d: mlp(d, width)) for d in depths]
+    if "small-mlp" in chosen:
+        w = SMALL["width"]
+        suite += [BenchModel(f"mlp{d}x{w}", "small-mlp", d, SMALL["batch"], lambda d=d: mlp(d, w))
+                  for d in SMALL["depths"]]
+    if "cnn" in chosen:
+        suite.append(BenchModel("cnn", "cnn", 2, batch, small_cnn))
+    if "resnet" in chosen:
+        suite.append(BenchModel("resnet", "resnet", 3, BLOCK_BATCH, ResNet, ("module", "depth:2", "child")))
+    if "transformer" in chosen:
+        suite.append(BenchModel("transformer", "transformer", 2, BLOCK_BATCH, DigitTransformer,
+                                ("module", "depth:2", "child")))
+    if "lstm" in chosen:
+        suite.append(BenchModel("lstm", "lstm", 1, BLOCK_BATCH, LSTMClassifier))
+    return suite
+
+
+def example_batch(entry: BenchModel, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(entry.batch, 784, generator=g), torch.randint(0, 10, (entry.batch,), generator=g)
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str                     # sgd, paper, generic, fast
+    granularity: str = "module"
+    rollback: bool = True
+
+
+def variants(entry: BenchModel) -> list[Variant]:
+    out = [Variant("sgd"), Variant("paper"), Variant("generic"), Variant("fast"), Variant("fast", rollback=False)]
+    for granularity in entry.granularities[1:]:
+        out += [Variant("generic", granularity), Variant("fast", granularity)]
+    return out
 
 
 @dataclass
 class Record:
     model: str
     depth: int
+    batch: int
     method: str
+    engine: str                     # torch, reference, generic, chain or graph
+    stages: int
+    granularity: str
+    rollback: bool
     ms_per_step: float
     ratio_to_sgd: float
-    predicted_ratio: float
+    predicted_ratio: float          # the measured-cost model
+    flop_ratio: float               # the FLOP model
     saved_bytes: int
+    rollback_bytes: int             # parameters and optimizer state copied for a failed step (0: none)
+    overhead_ms_per_pass: float     # measured beyond the measured-cost prediction, per pass
 
+
+# ---- memory ----
 
 class SavedBytes:
-    """Peak bytes held for backward (parameters excluded) plus extra tensors, such as a prefix cache.
+    """Peak bytes held for backward (parameters excluded) plus extra tensors, such as the values kept between passes.
 
     Inside the context, every tensor autograd saves is wrapped; the wrapper lives as long as
     the graph keeps it, so the live total falls when a graph is freed.
@@ -62,7 +140,9 @@ class SavedBytes:
     def _pack(self, tensor: torch.Tensor) -> object:
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        holder = self._Holder(tensor)
+        # A detached view: the tensor itself (a node's saved output) would hold its grad_fn, a cycle that outlives
+        # a backward that does not run the node.
+        holder = self._Holder(tensor.detach())
         if ptr not in self._excluded and ptr != 0:
             entry = self._live.setdefault(ptr, [0, storage.nbytes()])
             entry[0] += 1
@@ -91,119 +171,205 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def method_steppers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, tuple]:
-    """For each method: (its own model copy, a function doing one step, extra tensors it holds)."""
-    loss_fn = nn.functional.cross_entropy
-    steppers = {}
-    for method in METHODS:
-        m = copy.deepcopy(model)
-        base = torch.optim.SGD(m.parameters(), lr=lr)
-
-        def closure(m=m) -> torch.Tensor:
-            loss = loss_fn(m(x), y)
-            loss.backward()
-            return loss
-
-        if method == "sgd":
-            def step(m=m, base=base, closure=closure) -> None:
-                base.zero_grad()
-                closure()
-                base.step()
-            extra: Callable[[], list[torch.Tensor]] = list
-        elif method == "paper":
-            stages = [list(c.parameters()) for c in m if any(True for _ in c.parameters())]
-
-            def step(m=m, base=base, stages=stages, closure=closure) -> None:
-                reference_step(m, base, stages, closure)
-            extra = list
-        else:
-            bf = Backforward(m, base)
-            if method == "generic":
-                def step(bf=bf, closure=closure) -> None:
-                    bf.step(closure)
-            else:
-                def step(bf=bf) -> None:
-                    bf.step_batch(x, y, loss_fn)
-            extra = bf._held_between_passes
-            step()  # the first step finds the stage order; leave it out of the measurement
-        steppers[method] = (m, step, extra)
-    return steppers
+def tensor_bytes(tensors: Iterable[object]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def bench_model(name: str, depth: int, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
-                steps: int = 20, warmup: int = 3, lr: float = 1e-3, progress=None) -> list[Record]:
-    steppers = method_steppers(model, x, y, lr)
-    saved = {}
-    for method, (m, step, extra) in steppers.items():
-        with SavedBytes(list(m.parameters()), extra) as counter:
-            step()
-        saved[method] = counter.peak
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    for i in range(warmup + steps):
-        for method, (_, step, _) in steppers.items():  # interleaved: drift hits every method alike
-            start = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[method].append(time.perf_counter() - start)
+# ---- one model ----
+
+@dataclass
+class Stepper:
+    """One variant: its own model copy, a function doing one step, what it holds between passes."""
+
+    variant: Variant
+    model: nn.Module
+    step: Callable[[], object]
+    optimizer: torch.optim.Optimizer
+    backforward: Backforward | None = None
+    stages: list[list[nn.Parameter]] = field(default_factory=list)  # forward order
+
+    @property
+    def engine(self) -> str:
+        method = self.variant.method
+        if method in ("sgd", "paper"):
+            return {"sgd": "torch", "paper": "reference"}[method]
+        assert self.backforward is not None
+        return self.backforward._engine
+
+    def held(self) -> list[torch.Tensor]:
+        return self.backforward._held_between_passes() if self.backforward is not None else []
+
+    def rollback_bytes(self) -> int:
+        if self.backforward is None or not self.variant.rollback or self.variant.method == "paper":
+            return 0
+        state = [v for s in self.optimizer.state.values() for v in s.values()]
+        return tensor_bytes(self.model.parameters()) + tensor_bytes(state)
+
+
+def make_stepper(variant: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> Stepper:
+    m = copy.deepcopy(model)
+    base = torch.optim.SGD(m.parameters(), lr=lr)
+
+    def closure() -> torch.Tensor:
+        loss = LOSS(m(x), y)
+        loss.backward()
+        return loss
+
+    if variant.method == "sgd":
+        def sgd_step() -> None:
+            base.zero_grad()
+            closure()
+            base.step()
+        return Stepper(variant, m, sgd_step, base)
+    bf = Backforward(m, base, stages=variant.granularity, rollback=variant.rollback)
+    bf.step(closure)  # the first step finds the stage order (data flow)
+    stages = [list(s.params) for s in bf.stages]
+    runs = {"paper": lambda: reference_step(m, base, stages, closure), "generic": lambda: bf.step(closure),
+            "fast": lambda: bf.step_batch(x, y, LOSS)}
+    return Stepper(variant, m, runs[variant.method], base, None if variant.method == "paper" else bf, stages)
+
+
+def on_model(model: nn.Module, stepper: Stepper) -> list[Stage]:
+    """The stepper's stages as stages of ``model`` (a copy of the same model), by parameter position."""
+    position = {id(p): i for i, p in enumerate(stepper.model.parameters())}
+    params = list(model.parameters())
+    return [Stage(str(k), tuple(params[position[id(p)]] for p in stage)) for k, stage in enumerate(stepper.stages)]
+
+
+def bench_model(entry: BenchModel, steps: int = 20, warmup: int = 3, lr: float = 1e-3,
+                progress=None) -> list[Record]:
+    torch.manual_seed(0)
+    model = entry.build()
+    x, y = example_batch(entry)
+    steppers = [make_stepper(v, model, x, y, lr) for v in variants(entry)]
+    for _ in range(warmup):  # also where the fast engine reads the model as a graph
+        for s in steppers:
+            s.step()
         if progress is not None:
             progress.update(1)
-    units = predicted_units(stage_flops(model, x))
-    sgd_ms = statistics.median(times["sgd"]) * 1e3
+    saved = {}
+    for s in steppers:
+        with SavedBytes(list(s.model.parameters()), s.held) as counter:
+            s.step()
+        saved[s.variant] = counter.peak
+    by_granularity = {s.variant.granularity: s for s in steppers if s.variant.method == "fast" and s.variant.rollback}
+    measured_model = copy.deepcopy(model)
+    meter = CostMeter(measured_model, x, y, LOSS, [on_model(measured_model, by_granularity[g])
+                                                   for g in entry.granularities],
+                      lambda ps: torch.optim.SGD(ps, lr=lr))
+    meter.round()  # a warm-up round, dropped
+    times: dict[Variant, list[float]] = {s.variant: [] for s in steppers}
+    clock = work_clock()
+    for _ in range(steps):
+        for s in steppers:  # interleaved: drift hits every variant alike
+            start = clock()
+            s.step()
+            times[s.variant].append(clock() - start)
+        meter.round()  # the cost model's pieces, timed in the same rounds
+        if progress is not None:
+            progress.update(1)
+    measured = dict(zip(entry.granularities, meter.costs(), strict=True))
+    flops = {g: flop_costs(model, x, on_model(model, by_granularity[g])) for g in entry.granularities}
+    sgd_ms = statistics.median(times[Variant("sgd")]) * 1e3
     records = []
-    for method in METHODS:
-        ms = statistics.median(times[method]) * 1e3
-        records.append(Record(name, depth, method, ms, ms / sgd_ms, units[method] / units["sgd"], saved[method]))
+    for s in steppers:
+        v = s.variant
+        ms = statistics.median(times[v]) * 1e3
+        method = "generic" if v.method == "fast" and s.engine == "generic" else v.method
+        predicted = _ratio(measured[v.granularity], method)
+        n = len(s.stages) if s.stages else len(by_granularity["module"].stages)
+        overhead = 0.0 if v.method == "sgd" else (ms - predicted * sgd_ms) / n
+        records.append(Record(entry.name, entry.depth, entry.batch, v.method, s.engine, n, v.granularity, v.rollback,
+                              ms, ms / sgd_ms, predicted, _ratio(flops[v.granularity], method), saved[v],
+                              s.rollback_bytes(), overhead))
     return records
 
 
-def default_suite(depths: Sequence[int], width: int, batch: int, cnn: bool, seed: int = 0):
-    """(name, depth, model, x, y) for the MLPs and the small CNN."""
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    for depth in depths:
-        torch.manual_seed(seed)
-        yield f"mlp{depth}x{width}", depth, mlp(depth, width), x, y
-    if cnn:
-        torch.manual_seed(seed)
-        yield "cnn", 2, small_cnn(), x, y
+def _ratio(costs: Costs, method: str) -> float:
+    predicted = costs.predict()
+    return predicted[method] / predicted["sgd"]
 
 
-def check_targets(records: Sequence[Record]) -> list[tuple[str, bool, str]]:
-    """Each target of the fast-engine issue: (what, met, the measured numbers)."""
-    by = {(r.model, r.method): r for r in records}
-    models = sorted({r.model for r in records}, key=[r.model for r in records].index)
-    results = []
+# ---- targets ----
+
+def check_targets(records: Sequence[Record]) -> list[tuple[bool, str]]:
+    """Each target of the issues on these records: (met, one line naming the model, its depth and the bound)."""
+    main = [r for r in records if r.granularity == "module" and r.rollback]
+    by = {(r.model, r.method): r for r in main}
+    models = list(dict.fromkeys(r.model for r in main))
+    small = {f"mlp{d}x{SMALL['width']}" for d in SMALL["depths"]}
+    out = []
+
+    def line(met: bool, r: Record, what: str, value: str) -> None:
+        out.append((met, f"{r.model}, depth {r.depth}, {r.stages} stages: {what}: {value}"))
+
     for model in models:
-        fast, generic, sgd = by[(model, "fast")], by[(model, "generic")], by[(model, "sgd")]
-        where = f"{model} (depth {fast.depth})"
-        f_over = fast.ratio_to_sgd / fast.predicted_ratio
-        g_over = generic.ratio_to_sgd / generic.predicted_ratio
-        results.append((f"{where}: fast measured/predicted <= {TARGETS['fast_vs_predicted']} ({UPPER})",
-                        f_over <= TARGETS["fast_vs_predicted"], f"{f_over:.2f}"))
-        results.append((f"{where}: generic measured/predicted <= {TARGETS['generic_vs_predicted']} ({UPPER})",
-                        g_over <= TARGETS["generic_vs_predicted"], f"{g_over:.2f}"))
-        results.append((f"{where}: fast saved bytes <= sgd's (one-sided)", fast.saved_bytes <= sgd.saved_bytes,
-                        f"{fast.saved_bytes:,} vs {sgd.saved_bytes:,}"))
-    deepest = max((r for r in records if r.model.startswith("mlp")), key=lambda r: r.depth, default=None)
-    if deepest is not None:
-        paper, fast = by[(deepest.model, "paper")], by[(deepest.model, "fast")]
-        speedup = paper.ms_per_step / fast.ms_per_step
-        results.append((f"{deepest.model} (depth {deepest.depth}): fast >= {TARGETS['fast_speedup_over_paper']}x "
-                        "faster than paper (one-sided: a lower bound)",
-                        speedup >= TARGETS["fast_speedup_over_paper"], f"{speedup:.2f}x"))
-    return results
+        fast, sgd = by[(model, "fast")], by[(model, "sgd")]
+        bound = TARGETS["small_fast_vs_predicted" if model in small else "fast_vs_predicted"]
+        over = fast.ratio_to_sgd / fast.predicted_ratio
+        line(over <= bound, fast, f"{fast.engine} at most {bound}x its measured-cost prediction (upper bound only)",
+             f"measured/predicted = {over:.2f}")
+        if model.startswith("mlp") and model not in small:
+            generic = by[(model, "generic")]
+            over = generic.ratio_to_sgd / generic.predicted_ratio
+            bound = TARGETS["generic_vs_predicted"]
+            line(over <= bound, generic, f"generic at most {bound}x its measured-cost prediction (upper bound only)",
+                 f"measured/predicted = {over:.2f}")
+        line(fast.saved_bytes <= sgd.saved_bytes, fast, f"{fast.engine} saved bytes at most SGD's (upper bound only)",
+             f"{fast.saved_bytes:,} vs {sgd.saved_bytes:,}")
+        if fast.engine == "graph" and fast.model in ("resnet", "transformer") and \
+                fast.stages >= TARGETS["graph_target_min_stages"]:
+            generic = by[(model, "generic")]
+            speedup = generic.ms_per_step / fast.ms_per_step
+            bound = TARGETS["graph_speedup_over_generic"]
+            line(speedup >= bound, fast, f"graph at least {bound}x faster than generic (lower bound only)",
+                 f"{speedup:.2f}x")
+    for family in (lambda m: m.startswith("mlp") and m not in small, lambda m: m in small):
+        mlps = [by[(m, "fast")] for m in models if family(m)]
+        if mlps:
+            deepest = max(mlps, key=lambda r: r.depth)
+            speedup = by[(deepest.model, "paper")].ms_per_step / deepest.ms_per_step
+            bound = TARGETS["fast_speedup_over_paper"]
+            line(speedup >= bound, deepest, f"fast at least {bound}x faster than the paper's loop (lower bound only)",
+                 f"{speedup:.2f}x")
+    return out
+
+
+def notes(records: Sequence[Record]) -> list[str]:
+    """What the failed-step guarantee and each granularity cost, per model."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in records):
+        rows = [r for r in records if r.model == model]
+        on = next(r for r in rows if r.method == "fast" and r.granularity == "module" and r.rollback)
+        off = next(r for r in rows if r.method == "fast" and not r.rollback)
+        lines.append(f"{model}: rollback costs {on.ms_per_step / off.ms_per_step:.2f}x the step time of fast without "
+                     f"it and holds {on.rollback_bytes:,} bytes (parameters and optimizer state) until the step ends")
+        coarse = [r for r in rows if r.method == "fast" and r.rollback]
+        if len(coarse) > 1:
+            costs = ", ".join(f"{r.granularity} ({r.stages} stages) {r.ratio_to_sgd:.2f}x" for r in coarse)
+            lines.append(f"{model}: fast step time against SGD by granularity: {costs}")
+    return lines
 
 
 def format_table(records: Sequence[Record], threads: int) -> str:
-    lines = [f"backforward bench: {threads} thread(s), median ms/step, interleaved",
-             f"{'model':<12}{'depth':>6} {'method':<8}{'ms/step':>10}{'x sgd':>8}{'predicted':>10}"
-             f"{'meas/pred':>10}{'saved bytes':>14}"]
+    clock = "process CPU time" if threads == 1 else "wall time"
+    lines = [f"backforward bench: {threads} thread(s), median ms/step of {clock}, interleaved; predicted: the "
+             "measured-cost model, flops: the FLOP model (each relative to SGD); over/pass: ms per pass beyond the "
+             "prediction",
+             f"{'model':<12}{'depth':>5}{'batch':>6}{'n':>4} {'stages':<8}{'method':<8}{'engine':<10}{'ms/step':>9}"
+             f"{'x sgd':>7}{'predicted':>10}{'meas/pred':>10}{'flops':>7}{'over/pass':>10}{'saved bytes':>13}"
+             f"{'rollback bytes':>16}"]
     for r in records:
-        lines.append(f"{r.model:<12}{r.depth:>6} {r.method:<8}{r.ms_per_step:>10.2f}{r.ratio_to_sgd:>8.2f}"
-                     f"{r.predicted_ratio:>10.2f}{r.ratio_to_sgd / r.predicted_ratio:>10.2f}{r.saved_bytes:>14,}")
+        rollback = f"{r.rollback_bytes:,}" if r.rollback else "off"
+        lines.append(f"{r.model:<12}{r.depth:>5}{r.batch:>6}{r.stages:>4} {r.granularity:<8}{r.method:<8}{r.engine:<10}"
+                     f"{r.ms_per_step:>9.2f}{r.ratio_to_sgd:>7.2f}{r.predicted_ratio:>10.2f}"
+                     f"{r.ratio_to_sgd / r.predicted_ratio:>10.2f}{r.flop_ratio:>7.2f}{r.overhead_ms_per_pass:>10.3f}"
+                     f"{r.saved_bytes:>13,}{rollback:>16}")
     lines.append("")
-    for what, met, detail in check_targets(records):
-        lines.append(f"{'met ' if met else 'MISS'}  {what}: {detail}")
+    lines += notes(records)
+    lines.append("")
+    for met, what in check_targets(records):
+        lines.append(f"{'met ' if met else 'MISS'}  {what}")
     return "\n".join(lines)
 
 
@@ -212,7 +378,7 @@ def records_as_dicts(records: Sequence[Record]) -> list[dict]:
 
 
 def plot(records: Sequence[Record], path: str) -> None:
-    """Step time against depth for the MLPs, each method with its cost-model curve (dashed)."""
+    """Step time against the number of stages, one panel per model family; dashed: the measured-cost model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,51 +386,169 @@ def plot(records: Sequence[Record], path: str) -> None:
 
     from .files import atomic_write_bytes
 
-    mlps = [r for r in records if r.model.startswith("mlp")]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    sgd_ms = {r.depth: r.ms_per_step for r in mlps if r.method == "sgd"}
-    for i, method in enumerate(METHODS):
-        rows = sorted((r for r in mlps if r.method == method), key=lambda r: r.depth)
-        depths = [r.depth for r in rows]
-        color = f"C{i}"
-        ax.plot(depths, [r.ms_per_step for r in rows], "o-", color=color, label=f"{method} (measured)")
-        ax.plot(depths, [r.predicted_ratio * sgd_ms[r.depth] for r in rows], "--", color=color, alpha=0.6)
-    ax.set_xlabel("hidden layers (stages n = depth + 1)")
-    ax.set_ylabel("ms per step")
-    ax.set_yscale("log")
-    ax.set_title("Step time vs depth (dashed: cost model x measured sgd)")
-    ax.legend()
+    families = list(dict.fromkeys(_family(r) for r in records))
+    cols = min(3, len(families))
+    rows = (len(families) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
+    for ax, family in zip(axes.flat, families, strict=False):
+        mine = [r for r in records if _family(r) == family and r.rollback]
+        sgd_ms = {(r.model, r.granularity): r.ms_per_step for r in mine if r.method == "sgd"}
+        for i, method in enumerate(("sgd", "paper", "generic", "fast")):
+            rows_ = sorted((r for r in mine if r.method == method), key=lambda r: r.stages)
+            if not rows_:
+                continue
+            color = f"C{i}"
+            stages = [r.stages for r in rows_]
+            ax.plot(stages, [r.ms_per_step for r in rows_], "o-", color=color, label=method)
+            base = [sgd_ms.get((r.model, "module"), r.ms_per_step / r.ratio_to_sgd) for r in rows_]
+            ax.plot(stages, [r.predicted_ratio * b for r, b in zip(rows_, base, strict=True)], "--", color=color,
+                    alpha=0.6)
+        ax.set_title(family)
+        ax.set_xlabel("stages n")
+        ax.set_ylabel("ms per step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(families):]:
+        ax.set_visible(False)
+    fig.suptitle("Step time against stages (dashed: measured-cost model x measured SGD)")
     fig.tight_layout()
-    import io
-
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-# ---- communication: Backforward's per-pass all-reduce against DDP's ----
+def _family(r: Record) -> str:
+    if r.model.startswith("mlp"):
+        width = r.model.split("x")[-1]
+        return f"MLP width {width} (stages: depth + 1)"
+    return r.model
+
+
+def profile_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 10, rows: int = 8) -> str:
+    """torch.profiler's table of where a plain SGD step spends CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        LOSS(m(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# ---- past one machine: Backforward's per-pass all-reduce against DDP's, measured and modelled ----
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    alpha: float                    # seconds: latency of one message step
+    beta: float                     # bytes per second per link
+
+
+NETWORKS = (Network("one node, shared memory", 5e-6, 10e9),
+            Network("100 Gb/s Ethernet", 25e-6, 12.5e9),
+            Network("InfiniBand HDR 200 Gb/s", 2e-6, 25e9))
+PROCESSES = (2, 4, 16, 64, 256, 1024)
+DDP_FIRST_BUCKET, DDP_BUCKET = 1 << 20, 25 << 20  # torch's defaults (bucket_cap_mb=25)
+
+
+def ring_allreduce(nbytes: float, processes: int, alpha: float, beta: float) -> float:
+    """Seconds for a ring all-reduce: reduce-scatter then all-gather, 2(p-1) steps each of latency alpha that carry
+    nbytes/p."""
+    if processes < 2:
+        return 0.0
+    return 2 * (processes - 1) * (alpha + nbytes / processes / beta)
+
+
+def backforward_messages(stages: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """Bytes of each pass's one all-reduce (float32): stage k's gradients, the pass loss, a used-flag per tensor."""
+    return [(sum(p.numel() for p in stage) + 1 + len(stage)) * 4 for stage in stages]
+
+
+def ddp_buckets(params: Sequence[torch.Tensor]) -> list[int]:
+    """Bytes of each gradient bucket DDP all-reduces: parameters in reverse order, a bucket closing once it holds
+    1 MiB (the first) or 25 MiB (the others)."""
+    buckets, current, limit = [], 0, DDP_FIRST_BUCKET
+    for p in reversed(list(params)):
+        current += p.numel() * p.element_size()
+        if current >= limit:
+            buckets.append(current)
+            current, limit = 0, DDP_BUCKET
+    return buckets + ([current] if current else [])
+
 
 @dataclass
 class CommRecord:
     model: str
-    method: str
-    allreduce_calls_per_step: float
-    allreduce_bytes_per_step: float
-    parameter_bytes: int
+    method: str                     # backforward or ddp
+    stages: int
+    batch_per_process: int
+    calls_per_step: float           # counted
+    bytes_per_step: float
+    predicted_calls: int
+    predicted_bytes: int
+    ms_per_step: float              # measured, median
+    predicted_ms: float             # the alpha-beta model with this run's fitted alpha and beta
+    compute_ms: float               # the measured-cost model without communication
+    backward_ms: float              # DDP overlaps its all-reduces with this
+    messages: list[int]             # bytes of each all-reduce of a step
+    alpha: float                    # fitted on this run
+    beta: float
 
 
-def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width: int, batch: int,
-                steps: int, queue) -> None:
-    """In each of ``world`` gloo processes: count all-reduce calls and bytes per step of both methods."""
+def step_time(record: CommRecord, processes: int, alpha: float, beta: float) -> float:
+    """Seconds per step: Backforward's n all-reduces wait for each pass; DDP's overlap its backward."""
+    comm = sum(ring_allreduce(m, processes, alpha, beta) for m in record.messages)
+    if record.method == "backforward":
+        return record.compute_ms / 1e3 + comm
+    backward = record.backward_ms / 1e3
+    return record.compute_ms / 1e3 - backward + max(backward, comm)
+
+
+def fit_allreduce(processes: int, sizes: Sequence[int] = (4, 1 << 12, 1 << 16, 1 << 20, 1 << 22),
+                  repeats: int = 15) -> tuple[float, float]:
+    """Alpha and beta of this machine's all-reduce, by least squares over timed calls of several sizes."""
+    import torch.distributed as dist
+
+    points = []
+    for size in sizes:
+        t = torch.zeros(size // 4)
+        samples = []
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            dist.all_reduce(t)
+            if i >= 3:
+                samples.append(time.perf_counter() - start)
+        points.append((float(size), statistics.median(samples)))
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    intercept = my - slope * mx
+    steps = 2 * (processes - 1)  # T = steps * alpha + (steps / p) * m / beta
+    return max(intercept, 0.0) / steps, steps / processes / slope
+
+
+def comm_worker(rank: int, world: int, store: str, suite_args: tuple, steps: int, queue) -> None:
+    """In each of ``world`` gloo processes: count and time the all-reduces of both methods on every model."""
     from datetime import timedelta
 
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+                            timeout=timedelta(seconds=300))
+    alpha, beta = fit_allreduce(world)
     counts = {"calls": 0, "bytes": 0}
     plain_all_reduce = dist.all_reduce
 
@@ -273,11 +557,12 @@ def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width:
         counts["bytes"] += tensor.numel() * tensor.element_size()
         return plain_all_reduce(tensor, *args, **kwargs)
 
-    loss_fn = nn.functional.cross_entropy
     records = []
-    for name, _, model, x, y in default_suite(depths, width, batch, cnn=False):
+    for entry in default_suite(*suite_args):
+        torch.manual_seed(0)
+        model = entry.build()
+        x, y = example_batch(entry)
         xs, ys = x[rank::world], y[rank::world]
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         bf_model = copy.deepcopy(model)
         bf = Backforward(bf_model, torch.optim.SGD(bf_model.parameters(), lr=1e-3))
         ddp = DistributedDataParallel(copy.deepcopy(model))
@@ -286,23 +571,40 @@ def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width:
 
         def ddp_step(ddp=ddp, ddp_opt=ddp_opt, xs=xs, ys=ys) -> None:
             ddp_opt.zero_grad()
-            loss_fn(ddp(xs), ys).backward()
+            LOSS(ddp(xs), ys).backward()
             ddp_opt.step()
 
         def bf_step(bf=bf, xs=xs, ys=ys) -> None:
-            bf.step_batch(xs, ys, loss_fn)
+            bf.step_batch(xs, ys, LOSS)
 
+        for step in (bf_step, ddp_step, bf_step, ddp_step):
+            step()  # Backforward finds its stage order and graph, DDP builds its buckets
+        stages = [list(s.params) for s in bf.stages]
+        costs = measured_costs(bf_model, xs, ys, LOSS, [[Stage(str(k), tuple(s)) for k, s in enumerate(stages)]],
+                               lambda ps: torch.optim.SGD(ps, lr=1e-3), clock=time.perf_counter)[0]  # waits count
+        predicted = costs.predict()
         dist.all_reduce = counting_all_reduce
+        times: dict[str, list[float]] = {"backforward": [], "ddp": []}
+        seen = {"backforward": [0, 0], "ddp": [0, 0]}
         try:
-            for method, step in (("backforward", bf_step), ("ddp", ddp_step)):
-                step()  # warm-up: Backforward finds its stage order, DDP builds its buckets
-                counts.update(calls=0, bytes=0)
-                for _ in range(steps):
+            for _ in range(steps):
+                for method, step in (("backforward", bf_step), ("ddp", ddp_step)):
+                    counts.update(calls=0, bytes=0)
+                    start = time.perf_counter()
                     step()
-                records.append(CommRecord(name, method, counts["calls"] / steps, counts["bytes"] / steps,
-                                          param_bytes))
+                    times[method].append(time.perf_counter() - start)
+                    seen[method][0] += counts["calls"]
+                    seen[method][1] += counts["bytes"]
         finally:
             dist.all_reduce = plain_all_reduce
+        for method, messages, compute in (("backforward", backforward_messages(stages), predicted["fast"]),
+                                          ("ddp", ddp_buckets(list(model.parameters())), predicted["sgd"])):
+            record = CommRecord(entry.name, method, len(stages), len(xs), seen[method][0] / steps,
+                                seen[method][1] / steps, len(messages), sum(messages),
+                                statistics.median(times[method]) * 1e3, 0.0, compute * 1e3, costs.backward * 1e3,
+                                messages, alpha, beta)
+            record.predicted_ms = step_time(record, world, alpha, beta) * 1e3
+            records.append(record)
     if rank == 0:
         queue.put([asdict(r) for r in records])
         queue.close()
@@ -313,50 +615,83 @@ def comm_worker(rank: int, world: int, store: str, depths: Sequence[int], width:
     exit_without_shutdown(0)
 
 
-def comm_records(depths: Sequence[int], width: int, batch: int, steps: int = 3, world: int = 2) -> list[CommRecord]:
+def comm_records(suite: Sequence[BenchModel], steps: int = 5, world: int = 2) -> list[CommRecord]:
+    """Both methods on ``world`` gloo processes (the models rebuilt there from their names)."""
     import multiprocessing
     import tempfile
 
+    families = list(dict.fromkeys(e.family for e in suite))
+    mlps = [e for e in suite if e.family == "mlp"]
+    suite_args = (families, sorted({e.depth for e in mlps}) or [1], int(mlps[0].name.split("x")[-1]) if mlps else 1,
+                  mlps[0].batch if mlps else 1)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     with tempfile.TemporaryDirectory() as folder:
-        procs = [context.Process(target=comm_worker, args=(r, world, f"{folder}/store", list(depths), width, batch,
-                                                           steps, queue)) for r in range(world)]
+        procs = [context.Process(target=comm_worker, args=(r, world, f"{folder}/store", suite_args, steps, queue))
+                 for r in range(world)]
         for p in procs:
             p.start()
-        rows = queue.get(timeout=600)
+        rows = queue.get(timeout=3600)
         for p in procs:
             p.join(timeout=60)
     return [CommRecord(**r) for r in rows]
 
 
-def format_comm(records: Sequence[CommRecord]) -> str:
-    lines = ["backforward bench --distributed: 2 gloo processes on CPU, per step",
-             f"{'model':<12} {'method':<12}{'all-reduce calls':>18}{'bytes':>14}{'parameter bytes':>17}"]
+def scaling(records: Sequence[CommRecord]) -> list[tuple[Network, CommRecord, list[float]]]:
+    """Weak scaling efficiency (per-process batch fixed) of each method on each network at PROCESSES."""
+    out = []
+    for network in NETWORKS:
+        for r in records:
+            alone = r.compute_ms / 1e3
+            out.append((network, r, [alone / step_time(r, p, network.alpha, network.beta) for p in PROCESSES]))
+    return out
+
+
+def check_comm(records: Sequence[CommRecord]) -> list[tuple[bool, str]]:
+    factor = TARGETS["distributed_time_factor"]
+    out = []
     for r in records:
-        lines.append(f"{r.model:<12} {r.method:<12}{r.allreduce_calls_per_step:>18.1f}"
-                     f"{r.allreduce_bytes_per_step:>14,.0f}{r.parameter_bytes:>17,}")
-    lines.append("Backforward: one all-reduce per pass (n per step) of that stage's gradients, its 4-byte loss and a "
-                 "4-byte used flag per parameter tensor;"
-                 " DDP: one per gradient bucket.")
+        exact = r.calls_per_step == r.predicted_calls and r.bytes_per_step == r.predicted_bytes
+        out.append((exact, f"{r.model}, {r.method}: all-reduce calls and bytes per step as modelled (exactly): "
+                           f"{r.calls_per_step:g} calls, {r.bytes_per_step:,.0f} bytes; model {r.predicted_calls} "
+                           f"calls, {r.predicted_bytes:,} bytes"))
+        ratio = r.ms_per_step / r.predicted_ms
+        out.append((1 / factor <= ratio <= factor,
+                    f"{r.model}, {r.method}: 2-process step time within {factor}x of the model (both ways): "
+                    f"measured/predicted = {ratio:.2f}"))
+    return out
+
+
+def format_comm(records: Sequence[CommRecord], table: Sequence[tuple[Network, CommRecord, list[float]]]) -> str:
+    first = records[0] if records else None
+    lines = ["backforward bench --distributed: 2 gloo processes on CPU, 1 thread each; per step, median ms",
+             f"all-reduce fitted on this run: alpha = {first.alpha * 1e6:.1f} us, beta = {first.beta / 1e9:.2f} GB/s"
+             if first else "no records",
+             f"{'model':<12}{'method':<13}{'n':>4}{'calls':>7}{'model':>7}{'bytes':>14}{'model':>14}{'ms/step':>10}"
+             f"{'predicted':>11}{'compute':>9}"]
+    for r in records:
+        lines.append(f"{r.model:<12}{r.method:<13}{r.stages:>4}{r.calls_per_step:>7.1f}{r.predicted_calls:>7}"
+                     f"{r.bytes_per_step:>14,.0f}{r.predicted_bytes:>14,}{r.ms_per_step:>10.2f}{r.predicted_ms:>11.2f}"
+                     f"{r.compute_ms:>9.2f}")
+    lines += ["", "Model: a ring all-reduce of m bytes on p processes takes 2(p-1)(alpha + m/(p beta)). Backforward "
+              "makes one per pass, after that pass's backward (n per step, none overlapped); DDP's buckets overlap its "
+              "backward: step = forward + update + max(backward, all-reduces). Compute from the measured-cost model. "
+              "Weak scaling (the per-process batch above), efficiency = compute alone / step:", ""]
+    header = f"{'network':<26}{'model':<12}{'method':<13}" + "".join(f"{f'p={p}':>8}" for p in PROCESSES)
+    lines.append(header)
+    for network, r, efficiencies in table:
+        lines.append(f"{network.name:<26}{r.model:<12}{r.method:<13}" + "".join(f"{e:>8.2f}" for e in efficiencies))
+    lines.append("")
+    for network in NETWORKS:
+        for r in records:
+            if r.method != "backforward":
+                continue
+            effs = next(e for n, rec, e in table if n is network and rec is r)
+            below = next((p for p, e in zip(PROCESSES, effs, strict=True) if e < 0.5), None)
+            where = (f"falls below 50% efficiency at {below} processes" if below else
+                     f"keeps 50% efficiency or more up to {PROCESSES[-1]} processes")
+            lines.append(f"{network.name}: {r.model}, Backforward ({r.stages} all-reduces per step) {where}")
+    lines.append("")
+    for met, what in check_comm(records):
+        lines.append(f"{'met ' if met else 'MISS'}  {what}")
     return "\n".join(lines)
-
-
-def profile_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 10, rows: int = 8) -> str:
-    """torch.profiler's table of where a plain SGD step spends CPU time: what the cost model leaves out."""
-    from torch.profiler import ProfilerActivity, profile
-
-    m = copy.deepcopy(model)
-    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad()
-        nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-
-    for _ in range(3):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)

@@ -146,17 +146,26 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_DIR = "runs/bench"
+
+
 def add_bench(sub) -> None:
-    p = command(sub, "bench", "step time and memory against the cost model", "SGD, the paper's loop, and the "
-                "generic and fast engines on MNIST-shaped random batches; the met/MISS lines check the targets")
+    from .bench import MODELS
+
+    p = command(sub, "bench", "step time and memory against two cost models", "SGD, the paper's loop, and the "
+                "generic and fast engines on MNIST-shaped random batches, against a measured-cost and a FLOP model; "
+                "the met/MISS lines check the targets")
     p.add_argument("--threads", type=positive(int), default=1,
                    help="torch threads (1, so that ratios measure work, not threading)")
     p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (their median counts)")
     p.add_argument("--warmup", type=non_negative(int), default=3, help="untimed steps first")
-    p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8], help="MLP hidden layers")
+    p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8],
+                   help="hidden layers of the width --width MLPs")
     p.add_argument("--width", type=positive(int), default=512, help="MLP hidden width")
-    p.add_argument("--batch-size", type=positive(int), default=128, help="samples per step")
-    p.add_argument("--no-cnn", action="store_true", help="leave out the small CNN")
+    p.add_argument("--batch-size", type=positive(int), default=128, help="batch of the MLPs and the CNN")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
+                   help=f"which models ({' '.join(MODELS)}); small-mlp: width 64, batch 16, depths 2 4 8; "
+                        "resnet, transformer, lstm: batch 32")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     p.add_argument("--out", type=output_folder, default=BENCH_DIR, metavar="DIR",
                    help="folder for the figure bench.png")
@@ -164,41 +173,47 @@ def add_bench(sub) -> None:
     p.add_argument("--profile", action="store_true",
                    help="instead: where a plain SGD step of each model spends CPU time (torch.profiler)")
     p.add_argument("--distributed", action="store_true",
-                   help="instead: all-reduce calls and bytes per step, Backforward vs DDP, on 2 gloo processes")
+                   help="instead: Backforward vs DDP on 2 gloo processes (all-reduce calls, bytes, time) beside an "
+                        "alpha-beta model of their scaling to 1024 processes")
     p.set_defaults(run=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
+    from pathlib import Path
 
     import torch
 
     from .bench import bench_model, default_suite, format_table, plot, records_as_dicts
     from .progress import Progress
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {out} is a file, not a folder")
     torch.set_num_threads(args.threads)
+    suite = default_suite(args.models, args.depths, args.width, args.batch_size)
     if args.distributed:
-        from .bench import comm_records, format_comm
+        from .bench import comm_records, format_comm, scaling
 
-        comm = comm_records(args.depths, args.width, args.batch_size)
-        print(json.dumps([asdict(r) for r in comm], indent=1) if args.json else format_comm(comm))
+        comm = comm_records(suite, steps=args.steps)
+        print(json.dumps([asdict(r) for r in comm], indent=1) if args.json else format_comm(comm, scaling(comm)))
         return 0
-    suite = list(default_suite(args.depths, args.width, args.batch_size, not args.no_cnn))
     if args.profile:
-        from .bench import profile_sgd_step
+        from .bench import example_batch, profile_sgd_step
 
-        for name, _, model, x, y in suite:
-            print(f"{name}: plain SGD step, {args.threads} thread(s)\n{profile_sgd_step(model, x, y)}")
+        for entry in suite:
+            print(f"{entry.name}: plain SGD step, {args.threads} thread(s)\n"
+                  f"{profile_sgd_step(entry.build(), *example_batch(entry))}")
         return 0
     records = []
     with Progress(len(suite) * (args.steps + args.warmup), "bench", unit="round") as bar:
-        for name, depth, model, x, y in suite:
-            records += bench_model(name, depth, model, x, y, args.steps, args.warmup, progress=bar)
+        for entry in suite:
+            records += bench_model(entry, args.steps, args.warmup, progress=bar)
     print(json.dumps(records_as_dicts(records), indent=1) if args.json else format_table(records, args.threads))
     if not args.no_plot:
-        figure = Path(args.out) / "bench.png"
-        plot(records, figure)
+        figure = out / "bench.png"
+        plot(records, str(figure))
         print(f"figure: {figure}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,528 @@
+"""The fast engine: pass k recomputes only what depends on a stage that moved, for any model it can read as a graph.
+
+A model's forward is read as a graph of calls (``ModelGraph``): an ``nn.Sequential`` as the
+chain of its children, any other model by ``torch.fx`` symbolic tracing. Each call is a
+node; a node *depends on* a stage if it uses that stage's parameters or reads a node that
+does. In pass j (updating stage k = order[j]; stage order[j-1] moved just before) a node
+is recomputed if it depends on order[j-1] (its value is stale) or on order[j] (its graph
+carries stage k's gradient); every other value is the one the latest pass computed, kept
+detached and fed back with its ``requires_grad`` flag, so the backward stops at stage k.
+What a later pass reads is kept from the pass that computed it last and dropped after its
+last read. On a chain this is the paper's prefix cache: pass k starts at stage k-1.
+
+The same function in every pass:
+
+- Random numbers: before each run of consecutive recomputed nodes the generator is set to
+  where pass 1 stood before that node, so dropout draws the masks of pass 1.
+- Buffers: nodes that touch the same buffer (a module called twice) are recomputed
+  together, so a node never reads a buffer state an unrecomputed node would have written.
+- In-place operations: a kept value that a module modified in place is caught by its
+  version counter; that step then recomputes every node, and from then on that value is
+  kept as a copy, and handed out as a copy to a pass that is not its last reader.
+
+Why ``torch.fx`` and not ``torch.export``: fx records calls to the model's own modules
+and functions, so every node runs exactly what the plain forward runs (the same module
+objects, kernels chosen by the same ``requires_grad`` flags, hooks of called modules
+firing). ``torch.export`` functionalises and decomposes the forward into ATen operators,
+a different program that in-place semantics, kernel choice and module hooks do not
+survive. Tracing is refused (and the generic engine used) where a traced graph could
+differ from the forward: a forward that changes grad mode, autocast or saved-tensor hooks
+inside (``torch.no_grad``, checkpointing), draws random numbers from no tensor, has
+hooks on the root, or whose graph does not reproduce ``forward()`` on the first batch.
+Modules from ``torch.nn`` and modules that own parameters, buffers or hooks are called
+whole; only plain containers are traced through.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .engines import RunPass, StageGradients
+from .replay import BufferValues, RngState, buffer_slots, rng_restore, rng_snapshot
+from .stages import Stage
+
+Env = list[Any]
+
+
+@dataclass
+class Op:
+    """One node of a model's forward: how to evaluate it from the values before it, and what it uses."""
+
+    name: str
+    evaluate: Callable[[Env], Any]
+    reads: tuple[int, ...] = ()
+    params: tuple[int, ...] = ()    # id() of parameters it uses itself
+    buffers: tuple[int, ...] = ()   # id() of buffers it reads or writes itself
+    free: bool = False              # an input or attribute lookup: evaluated whenever read, never kept
+    module: nn.Module | None = None  # the module it calls, if it calls one
+
+
+@dataclass
+class ModelGraph:
+    """A model's forward as ops in execution order: inputs first, the output last."""
+
+    ops: list[Op]
+    kind: str                       # "chain" (an nn.Sequential's children) or "graph" (traced by fx)
+    volatile: set[int] = field(default_factory=set)  # ops whose value a module modifies in place: never kept
+
+
+class Refusal(Exception):
+    """Why a model cannot be read as a graph (one line)."""
+
+
+def plain_sequential(model: nn.Module) -> bool:
+    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+
+
+def model_graph(model: nn.Module, example: Any) -> ModelGraph:
+    """The graph of ``model``'s forward: its children for a plain ``nn.Sequential``, else traced by fx."""
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise Refusal("the model has forward hooks, which a graph of its calls would not fire")
+    if global_hooks():
+        raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
+    if plain_sequential(model):
+        return chain_graph(model)
+    return traced_graph(model, example)
+
+
+def chain_graph(model: nn.Sequential) -> ModelGraph:
+    """Input, each child called on the value before it, output."""
+    ops = [Op("input", _never, free=True)]
+    for i, child in enumerate(model, start=1):
+        ops.append(Op(str(i - 1), lambda env, c=child, i=i: c(env[i - 1]), (i - 1,), _ids(child.parameters()),
+                      _ids(child.buffers()), module=child))
+    last = len(ops) - 1
+    ops.append(Op("output", lambda env: env[last], (last,)))
+    return ModelGraph(ops, "chain")
+
+
+# ---- tracing ----
+
+def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
+    rng = rng_snapshot()
+    try:
+        with warnings.catch_warnings():  # a forward run on proxies warns about things that are not so
+            warnings.simplefilter("ignore")
+            graph = _Tracer(model).trace(model)
+    except Refusal:
+        raise
+    except Exception as e:  # fx raises many kinds; the message says which construct it cannot trace
+        raise Refusal(f"torch.fx cannot trace it: {_first_line(e)}") from None
+    finally:
+        drew = not torch.equal(rng[0], torch.get_rng_state())
+        rng_restore(rng)
+    if drew:
+        raise Refusal("its forward draws random numbers from no tensor input, which tracing would fix at one value")
+    result = _from_fx(model, graph)
+    _check_same_forward(model, result, example)
+    return result
+
+
+class _Tracer(fx.Tracer):
+    """Calls ``torch.nn`` modules and modules owning parameters, buffers or hooks whole; records ``x += y``
+    as the in-place call it is; keeps tensor constants in the graph instead of on the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.ambient = _ambient()
+        self.buffer_ids = {id(b) for b in model.buffers()}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        owns = any(p is not None for p in m._parameters.values()) or any(b is not None for b in m._buffers.values())
+        return super().is_leaf_module(m, qualname) or owns or bool(m._forward_hooks or m._forward_pre_hooks)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[no-untyped-def]
+        if _ambient() != self.ambient:
+            raise Refusal("its forward changes grad mode, autocast or saved-tensor hooks inside (torch.no_grad, "
+                          "torch.autocast, checkpointing), which tracing would drop")
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def create_arg(self, a: Any) -> Any:
+        if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) not in self.buffer_ids
+                and self.tensor_attrs.get(a) is None):
+            return a  # a tensor made at trace time without tensor inputs: the same constant in every call
+        return super().create_arg(a)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _Proxy(fx.Proxy):
+    """fx's Proxy records ``x += y`` as ``x = x + y``; a tensor adds in place, and so must the graph."""
+
+
+def _inplace(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    return lambda self, other: self.tracer.create_proxy("call_function", op, (self, other), {})
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
+              "rshift"):
+    setattr(_Proxy, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
+
+
+def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
+    index: dict[fx.Node, int] = {}
+    ops: list[Op] = []
+    placeholders = 0
+    for node in graph.nodes:
+        i = len(ops)
+        reads = tuple(index[n] for n in node.all_input_nodes)
+        args = fx.node.map_arg(node.args, lambda n: _Ref(index[n]))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: _Ref(index[n]))
+        params: tuple[int, ...] = ()
+        buffers: tuple[int, ...] = ()
+        if node.op == "placeholder":
+            if str(node.target).startswith("*"):
+                raise Refusal(f"its forward takes *{str(node.target).lstrip('*')}; step_batch passes one input")
+            if placeholders and not node.args:
+                raise Refusal(f"its forward needs argument {node.target!r} besides the input")
+            default = node.args[0] if node.args else None
+            op = Op(node.name, _never if not placeholders else (lambda env, d=default: d), free=True)
+            placeholders += 1
+        elif node.op == "get_attr":
+            owner, _, attr = str(node.target).rpartition(".")
+            module = model.get_submodule(owner)
+            value = getattr(module, attr)
+            params = (id(value),) if isinstance(value, nn.Parameter) else ()
+            buffers = (id(value),) if attr in module._buffers else ()
+            op = Op(node.name, lambda env, m=module, a=attr: getattr(m, a), params=params, buffers=buffers, free=True)
+        elif node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            params, buffers = _ids(module.parameters()), _ids(module.buffers())
+            op = Op(str(node.target), _caller(module, args, kwargs), reads, params, buffers, module=module)
+        elif node.op == "call_function":
+            op = Op(node.name, _caller(node.target, args, kwargs), reads)
+        elif node.op == "call_method":
+            op = Op(node.name, _caller(_method(str(node.target)), args, kwargs), reads)
+        else:  # output
+            op = Op(node.name, lambda env, a=args[0]: _load(a, env), reads)
+        # A node that reads a buffer through an attribute lookup touches that buffer.
+        op.buffers = op.buffers + tuple(b for r in reads if ops[r].free for b in ops[r].buffers)
+        index[node] = i
+        ops.append(op)
+    return ModelGraph(ops, "graph")
+
+
+@dataclass(frozen=True)
+class _Ref:
+    index: int
+
+
+def _load(arg: Any, env: Env) -> Any:
+    if type(arg) is _Ref:
+        return env[arg.index]
+    if isinstance(arg, (tuple, list, dict, slice)):
+        return fx.node.map_aggregate(arg, lambda a: env[a.index] if type(a) is _Ref else a)
+    return arg
+
+
+def _caller(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Callable[[Env], Any]:
+    if not kwargs and all(type(a) is _Ref for a in args):  # the common case, kept fast
+        slots = tuple(a.index for a in args)
+        return lambda env: fn(*[env[s] for s in slots])
+    return lambda env: fn(*_load(args, env), **_load(kwargs, env))
+
+
+def _method(name: str) -> Callable[..., Any]:
+    return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
+
+
+def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> None:
+    """The traced graph must give what ``forward()`` gives on this batch, bit for bit (tracing fixes Python
+    branches, e.g. on ``isinstance``, at the values it saw)."""
+    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
+    try:
+        plain = detach(model(example))
+        rng_restore(rng)
+        buffers.put_back()
+        traced = detach(_run_whole(graph, example))
+    finally:
+        rng_restore(rng)
+        buffers.put_back()
+    a, spec_a = pytree.tree_flatten(plain)
+    b, spec_b = pytree.tree_flatten(traced)
+    same = spec_a == spec_b and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(a, b, strict=True))
+    if not same:
+        raise Refusal("its traced graph does not compute what forward() computes on the first batch "
+                      "(a Python branch that tracing fixed)")
+
+
+def _run_whole(graph: ModelGraph, inputs: Any) -> Any:
+    env: Env = [None] * len(graph.ops)
+    env[0] = inputs
+    for i, op in enumerate(graph.ops[1:], start=1):
+        env[i] = op.evaluate(env)
+    return env[-1]
+
+
+# ---- the passes ----
+
+@dataclass
+class _PassPlan:
+    steps: list[tuple[int, Callable[[Env], Any], bool, bool, tuple[int, ...]]]  # op, evaluate, keep, rng, frees
+    loads: tuple[int, ...]    # values read from earlier passes
+    drops: tuple[int, ...]    # ... for the last time
+
+
+class GraphEngine:
+    """Recompute what depends on a moved stage, reuse the rest, for one model graph, stages and update order.
+
+    ``recomputed[j]`` is the set of op indices pass j evaluates (the first pass: all).
+    """
+
+    def __init__(self, graph: ModelGraph, stages: Sequence[Stage], order: Sequence[int]):
+        self.graph = graph
+        self.stages = list(stages)
+        self.order = list(order)
+        self.recomputed = recompute_sets(graph, self.stages, self.order)
+        self.volatile = set(graph.volatile)
+        self._plans = plan_passes(graph, self.recomputed)
+        self._whole = _whole_pass(graph)
+        self._cache: dict[int, tuple[Any, tuple[int, ...]]] = {}
+        self._rng: dict[int, RngState] = {}
+        self._batch: set[int] = set()  # storage of the step's inputs
+
+    @property
+    def kind(self) -> str:
+        return self.graph.kind
+
+    def stale(self) -> bool:
+        """An in-place modification was found since this plan was made."""
+        return self.volatile != self.graph.volatile
+
+    def kept_tensors(self) -> list[torch.Tensor]:
+        """The values held between passes (for memory accounting; views of the batch are the caller's)."""
+        return [t for value, _ in self._cache.values() for t in pytree.tree_leaves(value)
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self._batch]
+
+    def make_pass(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor]) -> RunPass:
+        """The pass function for one step on this batch (nothing is kept from the step before)."""
+        self._cache.clear()
+        self._rng.clear()
+        self._batch = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(inputs)
+                       if isinstance(t, torch.Tensor)}
+        whole = False
+
+        def run(j: int, gradients: StageGradients) -> torch.Tensor:
+            nonlocal whole
+            plan = self._whole if whole else self._plans[j]
+            if j > 0 and not whole and not self._intact(plan.loads):
+                whole, plan = True, self._whole
+                self._cache.clear()
+            env: Env = [None] * len(self.graph.ops)
+            env[0] = inputs
+            for u in plan.loads:  # a value modified in place: a copy, where a later pass reads the kept one
+                env[u] = _feed(self._cache[u][0], copy=u in self.volatile and u not in plan.drops)
+            for u in plan.drops:
+                del self._cache[u]
+            for i, evaluate, keep, rng, frees in plan.steps:
+                if rng:
+                    if j == 0:
+                        self._rng[i] = rng_snapshot()
+                    else:
+                        rng_restore(self._rng[i])
+                env[i] = evaluate(env)
+                if keep:
+                    self._cache[i] = _keep(env[i], copy=i in self.volatile)
+                for u in frees:
+                    env[u] = None
+            out = env[-1]
+            del env
+            loss = loss_fn(out, targets)
+            del out
+            gradients.backward(loss)
+            return loss
+
+        return run
+
+    def _intact(self, loads: Sequence[int]) -> bool:
+        """Whether every value this pass reads is as kept; marks those modified in place as volatile."""
+        changed = {u for u in loads if _versions(self._cache[u][0]) != self._cache[u][1]}
+        self.graph.volatile |= changed
+        return not changed
+
+
+def stage_uses(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[int]]:
+    """Per op, the stages whose parameters it uses itself."""
+    stage_of = {id(p): k for k, s in enumerate(stages) for p in s.params}
+    return [frozenset(stage_of[p] for p in op.params if p in stage_of) for op in graph.ops]
+
+
+def dependencies(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[int]]:
+    """Per op, the stages its value depends on: those it uses and those the values it reads depend on."""
+    depends: list[frozenset[int]] = []
+    for op, uses in zip(graph.ops, stage_uses(graph, stages), strict=True):
+        depends.append(uses.union(*(depends[r] for r in op.reads)))
+    return depends
+
+
+def recompute_sets(graph: ModelGraph, stages: Sequence[Stage], order: Sequence[int]) -> list[frozenset[int]]:
+    """Per pass, the ops it evaluates: all in the first; later, those depending on the stage that moved last or
+    on the stage it updates, with every op touching a buffer they touch."""
+    ops = graph.ops
+    depends = dependencies(graph, stages)
+    touching: dict[int, set[int]] = {}
+    for i, op in enumerate(ops):
+        if not op.free:
+            for b in op.buffers:
+                touching.setdefault(b, set()).add(i)
+    every = frozenset(range(len(ops)))
+    sets = [every]
+    for j in range(1, len(order)):
+        hit = {order[j - 1], order[j]}
+        todo = [i for i, d in enumerate(depends) if d & hit and not ops[i].free]
+        chosen: set[int] = set()
+        while todo:
+            i = todo.pop()
+            if i in chosen:
+                continue
+            chosen.add(i)
+            todo += [t for b in ops[i].buffers for t in touching.get(b, ())]
+        last = len(ops) - 1
+        sets.append(frozenset(chosen) if last in chosen else every)  # else: no op carries stage k's gradient
+    return sets
+
+
+def plan_passes(graph: ModelGraph, recomputed: Sequence[frozenset[int]]) -> list[_PassPlan]:
+    """Per pass: which values it loads, keeps for later passes and drops, where it restores the random numbers
+    pass 1 saw, and after which op each value it holds is no longer needed."""
+    ops = graph.ops
+    n = len(recomputed)
+    readers: list[list[int]] = [[] for _ in ops]
+    for i, op in enumerate(ops):
+        for r in op.reads:
+            readers[r].append(i)
+    # For each (non-free) value and pass: "compute", "read" (from the cache) or None.
+    events = [[("compute" if i in recomputed[j] else
+                "read" if any(v in recomputed[j] for v in readers[i]) else None) for j in range(n)]
+              for i in range(len(ops))]
+
+    def next_event(i: int, j: int) -> str | None:
+        return next((e for e in events[i][j + 1:] if e is not None), None)
+
+    timed = [i for i, op in enumerate(ops) if not op.free]
+    starts = [set() for _ in range(n)]  # ops opening a run of recomputed ops (not the first: the pass start)
+    for j in range(1, n):
+        for before, i in zip(timed, timed[1:], strict=False):
+            if i in recomputed[j] and before not in recomputed[j]:
+                starts[j].add(i)
+    snapshots = set().union(*starts)
+    plans = []
+    for j in range(n):
+        run = [i for i in range(1, len(ops)) if i in recomputed[j] or (ops[i].free and any(
+            v in recomputed[j] for v in readers[i]))]
+        loads = tuple(i for i in range(1, len(ops)) if not ops[i].free and events[i][j] == "read")
+        drops = tuple(i for i in loads if next_event(i, j) != "read")
+        keep = {i for i in run if not ops[i].free and next_event(i, j) == "read"}
+        rng = snapshots if j == 0 else starts[j]
+        frees = _last_uses(ops, run)
+        plans.append(_PassPlan([(i, ops[i].evaluate, i in keep, i in rng, frees.get(i, ())) for i in run],
+                               loads, drops))
+    return plans
+
+
+def _whole_pass(graph: ModelGraph) -> _PassPlan:
+    run = list(range(1, len(graph.ops)))
+    frees = _last_uses(graph.ops, run)
+    return _PassPlan([(i, graph.ops[i].evaluate, False, False, frees.get(i, ())) for i in run], (), ())
+
+
+def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """op -> the values held in this pass to let go once it ran (a value no op reads: right after it is made).
+    The output stays; the input belongs to the caller."""
+    last = {u: u for u in run}
+    for i in run:
+        for r in ops[i].reads:
+            last[r] = i
+    frees: dict[int, list[int]] = {}
+    for value, at in last.items():
+        if value not in (0, len(ops) - 1):
+            frees.setdefault(at, []).append(value)
+    return {at: tuple(values) for at, values in frees.items()}
+
+
+# ---- kept values ----
+
+def _keep(value: Any, copy: bool = False) -> tuple[Any, tuple[int, ...]]:
+    """Detached (copied, for a value a module modifies in place), with its ``requires_grad`` flag (modules
+    choose kernels by it), and its version counters."""
+    kept = _map_tensors(functools.partial(_detach, copy=copy), value)
+    return kept, _versions(kept)
+
+
+def _detach(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    kept = t.detach().clone() if copy else t.detach()
+    return kept.requires_grad_() if t.requires_grad else kept
+
+
+def _versions(value: Any) -> tuple[int, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value._version,)
+    return tuple(t._version for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def _feed(kept: Any, copy: bool = False) -> Any:
+    if copy:
+        kept = _map_tensors(functools.partial(_detach, copy=True), kept)
+    return _map_tensors(lambda t: _Alias.apply(t) if t.requires_grad else t, kept)
+
+
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    return fn(value) if isinstance(value, torch.Tensor) else pytree.tree_map_only(torch.Tensor, fn, value)
+
+
+class _Alias(torch.autograd.Function):
+    """The kept tensor again, as a non-leaf: a module may then modify it in place, as in the full forward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+# ---- small helpers ----
+
+def _ids(tensors: Any) -> tuple[int, ...]:
+    return tuple(id(t) for t in tensors)
+
+
+def _never(env: Env) -> Any:
+    raise AssertionError("the input is set by the pass")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _ambient() -> tuple:
+    """Autograd state a traced graph cannot record."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    try:
+        autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    except TypeError:  # torch < 2.4
+        autocast = (torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled())
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+            None if hooks is None else tuple(id(h) for h in hooks))
+
+
+def global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
