@@ -227,6 +227,23 @@ def recurrent() -> Case:
     return Case(Recurrent().double(), data, lambda m, t: [own(m.lstm), own(m.gru), own(m.head)])
 
 
+class LastStep(nn.Module):
+    """Takes the (output, state) tuple a recurrent layer returns, as the next child of an nn.Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, out_and_state):
+        return torch.tanh(self.proj(out_and_state[0][:, -1]))
+
+
+def recurrent_sequential() -> Case:
+    m = nn.Sequential(nn.GRU(4, 6, batch_first=True), LastStep(), nn.Linear(6, 3)).double()
+    data = [(x.view(6, 3, 4), y) for x, y in batches(3, (12,))]
+    return Case(m, data, lambda m, t: [own(m[0]), own(m[1].proj), own(m[2])])
+
+
 class LogitScale(nn.Module):
     """A parameter owned by the parent, registered first, used last."""
 
@@ -387,7 +404,7 @@ CASES = {
     "tied_explicit": tied_explicit, "unused": unused, "branch": branch,
     "checkpoint_reentrant": lambda: checkpoint_case(True), "checkpoint": lambda: checkpoint_case(False),
     "transformer_train": transformer_train, "transformer_eval_masked": transformer_eval_masked,
-    "recurrent": recurrent, "logit_scale": logit_scale, "attention": attention, "batchnorm": batchnorm,
+    "recurrent": recurrent, "recurrent_sequential": recurrent_sequential, "logit_scale": logit_scale, "attention": attention, "batchnorm": batchnorm,
     "batchnorm_eval": batchnorm_eval, "conv_batchnorm": conv_batchnorm, "buffer_reader": buffer_reader,
     "dropout": dropout_mlp, "residual": residual, "resnet": resnet, "resnet_finetune": resnet_finetune,
     "digit_transformer": digit_transformer, "lstm_classifier": lstm_classifier,
