@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from conftest import Residual
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -328,18 +329,6 @@ def dropout_mlp() -> Case:
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.3),
                       nn.Linear(8, 3)).double()
     return Case(m, batches(3, (4,)), lambda m, t: [own(m[0]), own(m[3]), own(m[6])])
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(4, 6)
-        self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.stem(x))
-        return self.head(h + self.block(h))
 
 
 def residual() -> Case:
