@@ -95,6 +95,7 @@ class StageGradients:
         self.unheld = setup.unheld
         self.parameters = setup.parameters
         self.start_grads = setup.start_grads
+        self.scaler = setup.grad_scaler
         self.j = 0
         self.calls = 0
         self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
@@ -135,6 +136,10 @@ class StageGradients:
             p.grad = g
         # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
         self._show_stage_k_alone(others=wanted is None or inputs is not None or self._meter_pass())
+
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        """``step_batch``'s backward: of the loss scaled by the GradScaler, where one is given."""
+        self.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
     @contextmanager
     def intercepting_backward(self) -> Iterator[None]:
@@ -257,7 +262,7 @@ def batch_pass(model: nn.Module, inputs: Any, targets: Any,
     """The generic engine's pass for ``step_batch``: the whole forward, backward restricted to stage k."""
     def run(_j: int, gradients: StageGradients) -> torch.Tensor:
         loss = loss_fn(model(inputs), targets)
-        gradients.backward(loss)
+        gradients.backward_loss(loss)
         return loss
 
     return run

@@ -150,6 +150,9 @@ class _Tracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and id(a) not in self.buffer_ids
                 and self.tensor_attrs.get(a) is None):
+            if a.requires_grad:
+                raise Refusal("its forward computes a value from parameters outside the calls tracing records "
+                              "(e.g. iterating self.parameters()), which tracing would fix at one value")
             return a  # a tensor made at trace time without tensor inputs: the same constant in every call
         return super().create_arg(a)
 
@@ -170,7 +173,37 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
     setattr(_Proxy, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
 
 
+_INPLACE_FUNCTIONS = {getattr(operator, f"i{name}") for name in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift")}
+
+
+def _modifies_first_argument(model: nn.Module, node: fx.Node) -> bool:
+    """Whether the call changes its first argument in place (``x.relu_()``, ``x += y``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_module":
+        return getattr(model.get_submodule(str(node.target)), "inplace", False) is True
+    return False
+
+
+def _refuse_shared_inplace(model: nn.Module, graph: fx.Graph) -> None:
+    """A value changed in place while another op also reads it: which value each reader sees depends on
+    their order in time, which a graph of values does not record."""
+    for node in graph.nodes:
+        if node.args and isinstance(node.args[0], fx.Node) and _modifies_first_argument(model, node):
+            changed = node.args[0]
+            if len(changed.users) > 1:
+                raise Refusal(f"{node.name} changes {changed.name} in place while other operations read it too, "
+                              "which a graph of values cannot order")
+
+
 def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
+    _refuse_shared_inplace(model, graph)
     index: dict[fx.Node, int] = {}
     ops: list[Op] = []
     placeholders = 0
@@ -222,8 +255,19 @@ def _load(arg: Any, env: Env) -> Any:
     if type(arg) is _Ref:
         return env[arg.index]
     if isinstance(arg, (tuple, list, dict, slice)):
-        return fx.node.map_aggregate(arg, lambda a: env[a.index] if type(a) is _Ref else a)
+        return _plain(fx.node.map_aggregate(arg, lambda a: env[a.index] if type(a) is _Ref else a))
     return arg
+
+
+def _plain(value: Any) -> Any:
+    """fx's immutable lists and dicts as the lists and dicts the forward built."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def _caller(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Callable[[Env], Any]:
@@ -242,11 +286,12 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
     branches, e.g. on ``isinstance``, at the values it saw)."""
     rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
     detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
+    copy = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
     try:
-        plain = detach(model(example))
+        plain = detach(model(copy(example)))
         rng_restore(rng)
         buffers.put_back()
-        traced = detach(_run_whole(graph, example))
+        traced = detach(_run_whole(graph, copy(example)))
     finally:
         rng_restore(rng)
         buffers.put_back()
@@ -343,7 +388,7 @@ class GraphEngine:
             del env
             loss = loss_fn(out, targets)
             del out
-            gradients.backward(loss)
+            gradients.backward_loss(loss)
             return loss
 
         return run

@@ -252,11 +252,16 @@ class Backforward(torch.optim.Optimizer):
         return self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
 
     def _fast(self, plan: _Plan, inputs: Any) -> GraphEngine | None:
-        """The fast engine for this plan and order, once the forward order is known and the model reads as a graph."""
-        if not plan.ordered:
-            return None
-        graph = self._graph(inputs)
-        if graph is None:
+        """The fast engine for this plan and order, once the forward order is known and the model reads as a graph.
+
+        Not for an input that requires grad (every pass's backward reaches it in the definition), and not on
+        the first step with a newly traced graph (its branches may order the stages otherwise): the generic
+        engine runs those, reading the order.
+        """
+        graph = self._graph(inputs) if not any(t.requires_grad for t in _tensors(inputs)) else None
+        known = plan.ordered and graph is not None and (graph.kind == "chain" or plan.order_read_with is graph)
+        plan.order_read_with = graph
+        if not known:
             return None
         forward = list(range(len(plan.stages)))
         order = tuple(forward[::-1] if self.order == "reverse" else forward)
@@ -267,13 +272,13 @@ class Backforward(torch.optim.Optimizer):
         return engine
 
     def _graph(self, inputs: Any) -> ModelGraph | None:
-        """The model as a graph of calls (traced again when a module's mode or hooks change); None, said once,
-        where it cannot be read as one."""
+        """The model as a graph of calls (traced again when a module's mode, plain attributes or hooks change);
+        None, said once, where it cannot be read as one."""
         model = self.model
         # A chain calls its children whole; a traced graph fixed the Python branches a module's mode or hooks took.
         hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
         key = (hooked, tuple(map(id, model)) if plain_sequential(model) else
-               tuple((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
+               tuple((id(m), _settings(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
         if key not in self._graphs:
             try:
                 self._graphs[key] = model_graph(self.model, inputs)
@@ -362,6 +367,7 @@ class _Plan:
     parameters: frozenset[int]              # ids of every parameter of the model
     inputs_modified: bool | None = None     # whether the model modifies step_batch's input (None: not known yet)
     engines: dict[tuple, GraphEngine] = field(default_factory=dict)
+    order_read_with: ModelGraph | None = None  # the graph of the step that last read or used the stage order
 
 
 def _ics_report(setup: StepSetup, result: StepResult, in_forward: Sequence[int]) -> ICSReport:
@@ -383,6 +389,12 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for item in value.values() for t in _tensors(item)]
     return []
+
+
+def _settings(module: nn.Module) -> tuple:
+    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose."""
+    return tuple((k, v) for k, v in vars(module).items()
+                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
 
 
 def _outside_this_package() -> int:
