@@ -171,3 +171,27 @@ def test_after_an_inplace_module_changed_a_cached_input_later_steps_keep_copies_
     bf.step_batch(x, y, F.cross_entropy)
     # Stages at children 0, 1, 2: pass 1 runs all, pass 2 starts at child 0, pass 3 at child 1 (from a copy).
     assert counts == [2, 3, 3]
+
+
+def test_a_value_modified_in_place_is_handed_as_a_copy_to_every_reader_but_its_last():
+    # Child 1 holds two stages behind an in-place dropout: passes 3 and 4 both read child 0's output, kept
+    # from pass 2. Pass 3's dropout must modify a copy, or pass 4 finds the kept value changed and runs whole.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(6, 6), nn.Tanh(),
+                                                         nn.Linear(6, 6)), nn.Linear(6, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    stages = linear_stages(model)
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for t in range(3):  # generic (finds the order), chain (finds the in-place change), chain with copies
+        if t == 2:
+            counts = count_calls(model)
+        torch.manual_seed(t)
+        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
+        torch.manual_seed(t)
+        bf.step_batch(x, y, F.cross_entropy)
+    assert bf._engine == "chain"
+    # Four stages: pass 1 runs every child, pass 2 starts at child 0, passes 3 and 4 at child 1.
+    assert counts == [2, 4, 4]
+    assert_same_params(model, ref)
