@@ -198,3 +198,41 @@ def test_start_gradients_are_averaged_over_processes_like_the_used_ones(monkeypa
     step = torch.cat([(a - b).reshape(-1) for a, b in zip(start[0].parameters(), model[0].parameters(),
                                                           strict=True)])
     torch.testing.assert_close(step, 0.5 * G[0])
+
+
+def test_measure_ics_takes_listed_stages_in_the_order_given_and_reports_each_pass_loss():
+    """A list of stages is the forward order the user chose: here the head first. Plain SGD from θ_t:
+    pass 2 sees the head moved by lr·G_head, pass 3 the head and the first layer."""
+    lr = 0.5
+    model, x, y = mlp3()
+    G = grads_at(model, x, y)
+    after_head = moved(model, 4, [lr * d for d in split(G[2], model[4])])
+    after_both = moved(after_head, 0, [lr * d for d in split(G[0], model[0])])
+    G0 = grads_at(after_head, x, y)[0]
+    G2 = grads_at(after_both, x, y)[1]
+    expected_losses = [F.cross_entropy(m(x), y).item() for m in (model, after_head, after_both)]
+    report = measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), lr,
+                         stages=[model[4], model[0], model[2]])
+    assert report.stage_names == ["4", "0", "2"]
+    assert report.losses == pytest.approx(expected_losses, rel=1e-6)
+    assert report.grad_shift[0] == 0.0
+    for i, (g, g_prime) in enumerate(((G[0], G0), (G[1], G2)), start=1):
+        shift, cosine = expected_shift(g, g_prime)
+        assert report.grad_shift[i] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
+        assert report.grad_cosine[i] == pytest.approx(cosine, rel=1e-5)
+    assert report.grad_norm == pytest.approx([float(G[k].norm()) for k in (2, 0, 1)], rel=1e-5)
+
+
+def test_measure_ics_reports_a_non_finite_loss_instead_of_raising():
+    model, x, y = mlp3()
+    before = [p.detach().clone() for p in model.parameters()]
+    report = measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y) * float("inf")), 0.1)
+    assert all(math.isnan(v) or math.isinf(v) for v in report.losses)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_measure_ics_rejects_a_model_without_trainable_parameters():
+    model, x, y = mlp3()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="^the model has no trainable parameters$"):
+        measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), 0.1)
