@@ -535,7 +535,9 @@ def test_unscaling_in_the_closure_is_refused_with_what_to_do_instead():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         return loss
 
-    with pytest.raises(RuntimeError, match="do not call scaler.unscale_.*max_grad_norm"):
+    with pytest.raises(RuntimeError, match=r"^with grad_scaler=, Backforward unscales each pass's gradients itself: "
+                                           r"do not call scaler.unscale_\(\) or scaler.step\(\) in the closure; "
+                                           "clip with max_grad_norm=$"):
         opt.step(closure)
     assert_unchanged(before, model, opt)
 
@@ -590,3 +592,100 @@ def test_explicit_stages_are_checked_alike_and_read_once():
     blocks = nn.ModuleList([model[0], model[2]])
     named = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=[blocks, model[4]])
     assert named.stage_names == ["0+2", "4"]  # an unregistered container: the modules it holds
+
+
+class Nested(nn.Module):
+    """enc.0.lin, enc.1.lin, a root parameter ``scale`` and a bias-free head: names of several depths."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(*(nn.Sequential() for _ in range(2)))
+        for block in self.enc:
+            block.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        return self.head(self.enc(x)) * self.scale
+
+
+def test_stages_given_as_modules_are_named_by_registration_else_by_their_parameters_names():
+    model = Nested()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def names(*stages):
+        return Backforward(model, opt, stages=list(stages)).stage_names
+
+    # Registered modules go by their names, the model itself by "(root)".
+    assert names(model.enc, [model.scale], model.head) == ["enc", "scale", "head"]
+    assert names(model) == ["(root)"]
+    # Modules the model does not register (containers built on the fly): the common prefix of their
+    # parameters' module names, else the modules owning them, "+"-joined ("(root)" for the model's own).
+    lin0, lin1 = nn.Sequential(model.enc[0].lin), nn.ModuleList([model.enc[1].lin])
+    assert names(lin0, lin1, [model.scale], nn.Sequential(model.head)) == ["enc.0.lin", "enc.1.lin", "scale", "head"]
+    both = nn.ModuleList([model.enc[0].lin, model.enc[1].lin])
+    assert names(both, [model.scale], model.head) == ["enc", "scale", "head"]
+    across = nn.ModuleList([model.enc[0].lin, model.head])  # names of different depths, nothing in common
+    root = nn.Module()
+    root.scale = model.scale
+    root.lin = model.enc[1].lin
+    assert names(across, root) == ["enc.0.lin+head", "(root)+enc.1.lin"]
+
+
+def test_stage_list_errors_name_the_stage():
+    model, _, _, _ = make("mlp3")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"^stage 1 is a single tensor; pass a list of parameters or a module$"):
+        Backforward(model, opt, stages=[model[0], model[2].weight, model[4]])
+    with pytest.raises(TypeError, match=r"^stage 2 holds a float, not a parameter$"):
+        Backforward(model, opt, stages=[model[0], model[2], [0.5]])
+
+
+def test_errors_say_which_pass_and_which_stage_in_forward_numbering():
+    model, _, x, y = make("mlp3")  # stages "0", "2", "4"
+
+    def failing_in(bad_pass, make_bad=lambda loss: loss * math.inf):
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = F.cross_entropy(model(x), y)
+            return backward(make_bad(loss) if len(calls) == bad_pass else loss)
+        return closure
+
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    # The first pass of the first step, before the stage order is read: the pass alone.
+    with pytest.raises(TypeError, match=r"it returned float in pass 1$"):
+        opt.step(lambda: F.cross_entropy(model(x), y).item())
+    with pytest.raises(RuntimeError, match=r"^the closure did not call backward\(\) in pass 1$"):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    opt.step(failing_in(0))  # reads the order
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss inf in pass 1 \(stage 1, '0'\); the step was "):
+        opt.step(failing_in(1))
+    # Reverse order: pass 1 updates the last stage, pass 3 the first.
+    opt.order = "reverse"
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss inf in pass 1 \(stage 3, '4'\); the step"):
+        opt.step(failing_in(1))
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss nan in pass 3 \(stage 1, '0'\); the step"):
+        opt.step(failing_in(3, lambda loss: loss * math.nan))
+
+
+def test_a_step_failing_after_the_closure_added_a_parameter_group_still_puts_everything_back():
+    torch.manual_seed(0)
+    model, _, x, y = make("dropout")
+    base = CountingSGD([*model[0].parameters(), *model[3].parameters()], lr=0.1)
+    opt = Backforward(model, base)
+    opt.step_batch(x, y, F.cross_entropy)
+    params = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+
+    def closure():
+        loss = backward(F.cross_entropy(model(x), y))
+        base.add_param_group({"params": list(model[6].parameters()), "step": 0})  # mid-step: refused below
+        return loss
+
+    with pytest.raises(ValueError):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert base.param_groups[0]["step"] == 1
