@@ -21,10 +21,14 @@ F = nn.functional
 
 
 class ThreadGroup:
-    """A process group of threads: ``all_reduce`` waits for every rank, then sums (or takes the maximum)."""
+    """A process group of threads: ``all_reduce`` waits for every rank, then sums (or takes the maximum).
 
-    def __init__(self, world: int):
+    ``group`` is what the library must pass on to torch.distributed: None (the world) or a group object.
+    """
+
+    def __init__(self, world: int, group=None):
         self.world = world
+        self.group = group
         self.cond = threading.Condition()
         self.rounds: dict[int, dict[int, torch.Tensor]] = {}
         self.failed = False
@@ -34,7 +38,7 @@ class ThreadGroup:
     def install(self, monkeypatch) -> None:
         monkeypatch.setattr(dist, "is_available", lambda: True)
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist, "get_world_size", lambda group=None: self.world)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: self._check(group) or self.world)
         monkeypatch.setattr(dist, "get_rank", lambda group=None: self.local.rank)
         monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
         # torch.fx patches torch globally while it traces: one model at a time.
@@ -46,7 +50,12 @@ class ThreadGroup:
 
         monkeypatch.setattr(optimizer_module, "model_graph", traced_one_at_a_time)
 
+    def _check(self, group) -> None:
+        if group is not self.group:
+            raise ValueError(f"a call on group {group!r}, not the step's {self.group!r}")
+
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        self._check(group)
         rank = self.local.rank
         with self.cond:
             call = self.calls[rank]
@@ -151,13 +160,14 @@ def test_two_ranks_step_like_one_process_on_the_whole_batch(monkeypatch, extra_o
     model, x, y = problem()
     expected = copy.deepcopy(model)
     reference_losses = reference_run(expected, x, y, extra_on, steps=2, make_base=sgd)
-    group = ThreadGroup(2)
+    group = ThreadGroup(2, group=object())  # a group of the user's, not the world
     group.install(monkeypatch)
 
     def work(rank):
         replica = copy.deepcopy(model)
         replica.use_extra = extra_on[rank]
-        bf = Backforward(replica, sgd(replica), stages=stages_of(replica), check_replicas=True)
+        bf = Backforward(replica, sgd(replica), stages=stages_of(replica), process_group=group.group,
+                         check_replicas=True)
         xs, ys = halves(x, y)[rank]
         losses = []
         for _ in range(2):
