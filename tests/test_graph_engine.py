@@ -409,3 +409,52 @@ def test_a_model_returning_a_dict_runs_on_the_graph_engine():
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     engines = twin_steps(Named().double(), lambda out, t: F.cross_entropy(out["logits"], t), x, y, steps=3)
     assert engines == ["generic", "graph", "graph"]
+
+
+class MethodKeywords(nn.Module):
+    """Tensor methods called with keywords (``softmax(dim=...)``, ``sum(dim=..., keepdim=...)``) between stages."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.l1(x).softmax(dim=0)
+        return self.l2(h - h.sum(dim=1, keepdim=True) / 6)
+
+
+def test_tensor_methods_called_with_keywords_run_on_the_graph_engine():
+    torch.manual_seed(5)
+    model = MethodKeywords()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(model, ["l1", "l2"])
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "graph"
+
+
+class Checking(nn.Module):
+    """Checks its input's type and raises a bare TypeError, as tracing's stand-in for the input makes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@pytest.mark.parametrize("model, why", [
+    (Untraceable("control flow"), "symbolically traced variables cannot be used as inputs to control flow"),
+    (Checking(), "TypeError"),
+], ids=["message", "no-message"])
+def test_a_model_fx_cannot_trace_is_refused_with_the_first_line_of_what_fx_said(model, why):
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf.step_batch(x, y, F.cross_entropy)
+    assert [str(w.message) for w in caught] == [
+        f"backforward: step_batch runs the generic engine on {type(model).__name__}: torch.fx cannot trace it: {why}"]
