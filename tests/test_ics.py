@@ -221,6 +221,9 @@ def test_measure_ics_takes_listed_stages_in_the_order_given_and_reports_each_pas
         assert report.grad_shift[i] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
         assert report.grad_cosine[i] == pytest.approx(cosine, rel=1e-5)
     assert report.grad_norm == pytest.approx([float(G[k].norm()) for k in (2, 0, 1)], rel=1e-5)
+    assert report.as_dict() == {"stage_names": report.stage_names, "losses": report.losses,
+                                "grad_shift": report.grad_shift, "grad_cosine": report.grad_cosine,
+                                "grad_norm": report.grad_norm}
 
 
 def test_measure_ics_reports_a_non_finite_loss_instead_of_raising():

@@ -689,3 +689,16 @@ def test_a_step_failing_after_the_closure_added_a_parameter_group_still_puts_eve
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
     assert base.param_groups[0]["step"] == 1
+
+
+@pytest.mark.parametrize("base, changes", [(CountingSGD, True), (torch.optim.SGD, False)])
+def test_whether_the_base_step_changes_group_state_is_found_by_a_step_run_and_undone(base, changes):
+    # What a CUDA graph capture asks first (cuda_graphs.py): a replayed graph would not advance such state.
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, base(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)
+    before = snapshot(model, opt)
+    losses = opt.last_losses
+    assert opt._group_state_changes(x, y, F.cross_entropy) is changes
+    assert_unchanged(before, model, opt)
+    assert opt.last_losses == losses
