@@ -143,9 +143,13 @@ def _copy(value: Any) -> Any:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # == on tensors inside would not say
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     try:
         return bool(a == b)
-    except (RuntimeError, TypeError, ValueError):  # containers of tensors
+    except (RuntimeError, TypeError, ValueError):  # other objects holding tensors: taken as changed
         return False
 
 
