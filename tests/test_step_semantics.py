@@ -268,6 +268,63 @@ def test_group_level_step_counter_advances_once_per_step():
     assert ref_base.param_groups[0]["step"] == base.param_groups[0]["step"] == 3
 
 
+class TensorCountingSGD(torch.optim.Optimizer):
+    """CountingSGD with its group-level state in mutable objects: the step count a tensor incremented in
+    place, a list and a dict of tensors changed in place, a list appended to, an entry added by the first step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr, "step": torch.zeros(())})
+        for group in self.param_groups:
+            group["buffers"] = [torch.zeros(2)]
+            group["stats"] = {"sum": torch.zeros(2)}
+            group["seen"] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] += 1
+            group["buffers"][0] += torch.tensor([1.0, 2.0])
+            group["stats"]["sum"] += torch.tensor([3.0, 4.0])
+            group["seen"].append(int(group["step"]))
+            group["started"] = group.get("started", int(group["step"]))
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad, alpha=group["lr"] / float(group["step"]))
+
+
+@pytest.mark.parametrize("engine", ["step", "step_batch"])
+def test_group_state_in_mutable_objects_advances_once_per_step(engine):
+    # The hand-worked numbers of the test above: lr 0.2 / step, two scalar stages.
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.fill_(1.0)
+    x, y = torch.ones(1, 1), torch.full((1, 1), 2.0)
+    ref = copy.deepcopy(m)
+    ref_base = TensorCountingSGD(ref.parameters(), lr=0.2)
+    base = TensorCountingSGD(m.parameters(), lr=0.2)
+    opt = Backforward(m, base)
+
+    def loss_fn(out, target):
+        return 0.5 * ((out - target) ** 2).sum()
+
+    for t in range(1, 4):
+        reference_step(ref, ref_base, [[ref[0].weight], [ref[1].weight]], lambda: backward(loss_fn(ref(x), y)))
+        if engine == "step":
+            opt.step(lambda: backward(loss_fn(m(x), y)))
+        else:
+            opt.step_batch(x, y, loss_fn)
+        if t == 1:
+            assert (m[0].weight.item(), m[1].weight.item()) == pytest.approx((1.2, 1.192))
+        for group in (base.param_groups[0], ref_base.param_groups[0]):
+            assert torch.equal(group["step"], torch.tensor(float(t)))
+            assert torch.equal(group["buffers"][0], torch.tensor([1.0, 2.0]) * t)
+            assert torch.equal(group["stats"]["sum"], torch.tensor([3.0, 4.0]) * t)
+            assert group["seen"] == list(range(1, t + 1))
+            assert group["started"] == 1
+        assert_same_params(m, ref)
+
+
 def test_group_state_from_gradients_is_refused_and_the_step_undone():
     model, _, x, y = make("mlp3")
     opt = Backforward(model, GroupNormSGD(model.parameters(), lr=0.1))
@@ -702,3 +759,46 @@ def test_whether_the_base_step_changes_group_state_is_found_by_a_step_run_and_un
     assert opt._group_state_changes(x, y, F.cross_entropy) is changes
     assert_unchanged(before, model, opt)
     assert opt.last_losses == losses
+
+
+class DoublesItsInputLater(nn.Module):
+    """Modifies its input in place only once ``doubling`` is set (a flag a schedule might flip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.doubling = False
+
+    def forward(self, x):
+        if self.doubling:
+            x.mul_(2)
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.filterwarnings("ignore:backforward. step_batch runs the generic engine")  # traced again: x.mul_()
+def test_a_model_that_starts_modifying_its_input_gets_the_step_undone_once_then_a_copy_each_step():
+    """Steps that found the input untouched keep no copy of it; the first step that modifies it cannot put
+    it back, so it is undone with one clear error; from then on every pass sees the batch as given."""
+    torch.manual_seed(0)
+    model = DoublesItsInputLater().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    stages = [list(ref.a.parameters()), list(ref.b.parameters())]
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    for _ in range(2):
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x.clone()), y)))
+        opt.step_batch(x.clone(), y, F.cross_entropy)
+    model.doubling = ref.doubling = True
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"^the model modified its input in place in this step, which it had not "
+                                           r"done before; the step was undone: run it again \(the input is now "
+                                           r"copied each step\)$"):
+        opt.step_batch(x.clone(), y, F.cross_entropy)
+    assert_unchanged(before, model, opt)
+    for _ in range(2):
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x.clone()), y)))
+        batch = x.clone()
+        opt.step_batch(batch, y, F.cross_entropy)
+        assert torch.equal(batch, 2 * x)  # one forward's worth, as after a plain step
+        assert_same_params(model, ref, atol=1e-12)
