@@ -131,9 +131,13 @@ class StageGradients:
             self._read_graph(roots)
             wanted = inputs
         kept = [(p, p.grad) for p in self.unheld] if wanted is None else []
-        _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
-        for p, g in kept:
-            p.grad = g
+        for p, _ in kept:
+            p.grad = None  # else the whole backward accumulates into the user's gradient tensor in place
+        try:
+            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
+        finally:
+            for p, g in kept:
+                p.grad = g
         # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
         self._show_stage_k_alone(others=wanted is None or inputs is not None or self._meter_pass())
 
