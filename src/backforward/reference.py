@@ -45,8 +45,8 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     for k, stage in enumerate(stages):
         _set_rng_state(rng_start)
         _set_buffers(model, buffers_start)
-        for p in stage_params:
-            p.grad = None
+        for p in [*stage_params, *(p for p, _ in others)]:
+            p.grad = None  # the closure's backward would accumulate into the others' gradients in place
         loss = closure()
         losses.append(float(loss.detach()))
         if k == 0:
