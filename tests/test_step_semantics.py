@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from awkward import CASES
-from conftest import assert_same_params, make
+from conftest import assert_same_params, clone, make
 from torch import nn
 
 from backforward import Backforward, reference_step
@@ -802,3 +802,161 @@ def test_a_model_that_starts_modifying_its_input_gets_the_step_undone_once_then_
         opt.step_batch(batch, y, F.cross_entropy)
         assert torch.equal(batch, 2 * x)  # one forward's worth, as after a plain step
         assert_same_params(model, ref, atol=1e-12)
+
+
+# ---- found by mutation testing (scripts/mutation.sh): behaviour no test pinned down ----
+
+def test_named_granularities_and_their_errors():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6)), nn.Linear(6, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert Backforward(model, opt, stages="depth:1").stage_names == ["0", "1"]
+    assert Backforward(model, opt, stages="child").stage_names == ["0", "1"]
+    assert Backforward(model, opt, stages="depth:2").stage_names == ["0.0", "0.2", "1"]
+    for bad in ("depth:0", "depth:x", "depth:", "layer"):
+        with pytest.raises(ValueError, match=rf"^stages must be 'module', 'child', 'depth:N' \(N >= 1\) or a list, "
+                                             rf"not '{bad}'$"):
+            Backforward(model, opt, stages=bad)
+
+
+def test_step_without_a_closure_says_what_to_pass():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"^Backforward.step needs a closure that computes the loss, calls backward\(\) "
+                                        r"and returns the loss, as for torch.optim.LBFGS \(or use step_batch\); with a "
+                                        r"GradScaler, pass grad_scaler= to Backforward and call step\(closure\), not "
+                                        r"scaler.step\(optimizer\)$"):
+        opt.step()
+
+
+def test_the_engine_each_step_ran_and_the_fast_engine_built_once():
+    model, stages, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=stages)
+    opt.step_batch(x, y, F.cross_entropy)
+    assert opt._engine == "chain"  # listed stages: the order is known, the first step is fast already
+    engines = list(opt._plan.engines.values())
+    opt.step_batch(x, y, F.cross_entropy)
+    assert list(opt._plan.engines.values()) == engines and len(engines) == 1  # the same plan, not built again
+    opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+    assert opt._engine == "generic"
+
+
+def test_parameters_the_optimizer_does_not_hold_keep_their_gradient_even_through_a_reentrant_checkpoint():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = checkpoint(lambda t: torch.tanh(self.b(torch.tanh(self.a(t)))), x, use_reentrant=True)
+            return self.c(h)
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    x, y = torch.randn(5, 4, requires_grad=True), torch.randint(0, 3, (5,))
+    held = [*model.a.parameters(), *model.c.parameters()]
+    ref = copy.deepcopy(model)
+    ref_held = [*ref.a.parameters(), *ref.c.parameters()]
+    for m in (model, ref):
+        m.b.bias.grad = torch.full((6,), 7.0)  # the user's, from before: neither kept nor added to
+    opt = Backforward(model, torch.optim.SGD(held, lr=0.1), stages=[list(model.a.parameters()),
+                                                                    list(model.c.parameters())])
+    ref_opt = torch.optim.SGD(ref_held, lr=0.1)
+    for _ in range(2):
+        opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+        reference_step(ref, ref_opt, [list(ref.a.parameters()), list(ref.c.parameters())],
+                       lambda: backward(F.cross_entropy(ref(x), y)))
+        assert_same_params(model, ref)
+        for m in (model, ref):
+            assert m.b.weight.grad is None and torch.equal(m.b.bias.grad, torch.full((6,), 7.0))
+
+
+def test_a_disabled_grad_scaler_is_no_scaler():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss inf in pass 2"):
+        opt.step(failing_closures(model, x, y)["non-finite loss"])
+
+
+def test_an_overflow_in_the_last_pass_alone_skips_the_step():
+    """Only the last stage's scaled gradient overflows and every pass loss is finite: the gradients tell."""
+    model, _, x, y = make("mlp3")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3), grad_scaler=scaler)
+    before = snapshot(model, opt)[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (math.inf if len(calls) == 3 else 1.0)).backward()
+        return loss
+
+    opt.step(closure)
+    assert all(math.isfinite(v) for v in opt.last_losses)
+    assert opt.last_step_skipped
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_ics_meter_unscales_the_start_gradients():
+    model, _, x, y = make("mlp3")
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3), grad_scaler=scaler, track_ics=True)
+    plain = Backforward(twin, torch.optim.SGD(twin.parameters(), lr=0.3), track_ics=True)
+    scaled.step(amp_closure(model, x, y, scaler))
+    plain.step(amp_closure(twin, x, y))
+    assert scaled.last_report == plain.last_report  # scaling by a power of two and back is exact
+
+
+def test_with_clipping_the_ics_meter_compares_the_gradients_before_clipping():
+    """G'_2 by hand: the first layer moved by lr times its clipped gradient; the meter reports G'_2 unclipped.
+    A stage the forward does not use (``unused``) has no G' and counts zero."""
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    lr, clip = 0.5, 0.05
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    g1 = [p.grad.clone() for p in plain.body[0].parameters()]
+    g2 = torch.cat([p.grad.reshape(-1) for p in plain.body[2].parameters()])
+    scale = clip / float(torch.cat([g.reshape(-1) for g in g1]).norm())
+    assert scale < 1  # the clip bites
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, g in zip(moved.body[0].parameters(), g1, strict=True):
+            p.sub_(lr * scale * g)
+    F.cross_entropy(moved(x), y).backward()
+    g2_after = torch.cat([p.grad.reshape(-1) for p in moved.body[2].parameters()])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=lr), max_grad_norm=clip, track_ics=True)
+    opt.step_batch(x, y, F.cross_entropy)
+    report = opt.last_report
+    assert report.stage_names == ["body.0", "body.2", "unused"]
+    assert report.grad_shift[1] == pytest.approx(float((g2 - g2_after).norm()), rel=1e-4)
+    assert report.grad_norm[1] == pytest.approx(float(g2.norm()), rel=1e-5)
+    assert report.grad_shift[2] == 0.0 and report.grad_norm[2] == 0.0 and math.isnan(report.grad_cosine[2])
+    assert all(p.grad is None for p in model.unused.parameters())
+
+
+def test_without_the_finiteness_check_a_step_still_updates_and_a_non_finite_loss_passes():
+    model, stages, x, y = make("mlp3")
+    ref, ref_stages = clone(model, stages)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), check_finite=False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.step_batch(x, y, F.cross_entropy)
+    reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
+    assert_same_params(model, ref)
+    opt.step(lambda: backward(F.cross_entropy(model(x), y) * math.inf))  # no error: the caller asked for none
+    assert math.isinf(opt.last_losses[0])
