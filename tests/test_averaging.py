@@ -237,6 +237,29 @@ def test_the_replica_check_raises_on_every_rank_when_parameters_differ(monkeypat
         assert isinstance(result, RuntimeError) and "parameters differ across processes" in str(result), result
 
 
+@pytest.mark.parametrize("debug", [dist.DebugLevel.OFF, dist.DebugLevel.INFO])
+def test_by_default_replicas_are_checked_in_torch_distributed_debug_mode(monkeypatch, debug):
+    model, x, y = problem()
+    group = ThreadGroup(2)
+    group.install(monkeypatch)
+    monkeypatch.setattr(dist, "get_debug_level", lambda: debug)
+
+    def work(rank):
+        replica = copy.deepcopy(model)
+        if rank == 1:
+            with torch.no_grad():
+                replica.head.bias.add_(0.5)
+        bf = Backforward(replica, torch.optim.SGD(replica.parameters(), lr=0.1))  # check_replicas left unset
+        bf.step_batch(*halves(x, y)[rank], F.cross_entropy)
+        return "stepped"
+
+    results = group.run(work)
+    if debug == dist.DebugLevel.OFF:
+        assert results == ["stepped", "stepped"]
+    else:
+        assert all(isinstance(r, RuntimeError) and "parameters differ across processes" in str(r) for r in results)
+
+
 @pytest.mark.parametrize("rank1, checksums, low, high", [
     ((0.5, 0.0), None, None, None),
     ((0.25, 0.25), [3.5, 3.125], [3.5, 3.125], [3.5, 3.25]),  # the same sum: only the sum of squares tells

@@ -458,3 +458,120 @@ def test_a_model_fx_cannot_trace_is_refused_with_the_first_line_of_what_fx_said(
         bf.step_batch(x, y, F.cross_entropy)
     assert [str(w.message) for w in caught] == [
         f"backforward: step_batch runs the generic engine on {type(model).__name__}: torch.fx cannot trace it: {why}"]
+
+
+# ---- found by mutation testing (scripts/mutation.sh) ----
+
+def test_an_input_that_requires_grad_gets_every_pass_gradient_with_three_stages():
+    # With three stages the last pass of a fast engine would not reach the input: every pass must.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    ref, stages = clone(model, [list(model[i].parameters()) for i in (0, 2, 4)])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for _ in range(3):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        opt.step_batch(a, y, F.cross_entropy)
+        reference_step(ref, ref_opt, stages, lambda b=b: backward(F.cross_entropy(ref(b), y)))
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    assert_same_params(model, ref, atol=1e-12)
+
+
+class Block(nn.Module):
+    """A plain container of the user's (traced through until it has hooks of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class WithBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Linear(4, 6), Block(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.block(torch.tanh(self.stem(x))))
+
+
+@pytest.mark.parametrize("where", ["root", "block", "global"])
+def test_hooks_added_after_the_graph_was_read_take_effect(where):
+    """A hook that doubles an output, added after two fast steps: every later pass must run it, as the
+    reference's plain forward does."""
+    from torch.nn.modules import module as nn_module
+
+    torch.manual_seed(0)
+    model = WithBlock().double()
+    names = ["stem", "block.lin", "head"]
+    ref, stages = clone(model, [list(model.get_submodule(n).parameters()) for n in names])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    handles = []
+    try:
+        for t in range(4):
+            if t == 2:
+                for target in (model.block, ref.block) if where == "block" else (model, ref):
+                    def double(module, _args, out, target=target):
+                        return out * 2 if module is target else None
+
+                    handles.append(nn_module.register_module_forward_hook(double) if where == "global"
+                                   else target.register_forward_hook(double))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step_batch(x, y, F.cross_entropy)
+            reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x), y)))
+            assert_same_params(model, ref, atol=1e-12)
+            if t == 1:
+                assert opt._engine == "graph"
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_the_fallback_is_said_once_however_many_times_the_model_is_read_again():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for first_traceable in (False, True):
+        model = Untraceable("control flow") if not first_traceable else Untraceable("none")
+        opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for kind in ("none", "control flow", "isinstance", "control flow"):
+                if first_traceable or kind != "none":
+                    model.kind = kind  # a plain attribute: the model is read again
+                opt.step_batch(x, y, F.cross_entropy)
+        assert len(caught) == 1, [str(w.message) for w in caught]
+
+
+class TakesABatch(nn.Module):
+    """Reads its input from a dict or a tuple, and modifies it in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, batch):
+        x = batch["x"] if isinstance(batch, dict) else batch[0]
+        x.mul_(2)
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("pack", [lambda x: {"x": x}, lambda x: (x,), lambda x: [x]], ids=["dict", "tuple", "list"])
+def test_tensors_inside_a_batch_are_put_back_before_every_pass(pack):
+    torch.manual_seed(0)
+    model = TakesABatch().double()
+    ref, stages = clone(model, [list(model.a.parameters()), list(model.b.parameters())])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step_batch(pack(x.clone()), y, F.cross_entropy)
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(pack(x.clone())), y)))
+        assert_same_params(model, ref, atol=1e-12)

@@ -184,7 +184,8 @@ def test_without_rollback_a_failed_step_says_earlier_stages_moved():
     model, _, x, y = make("mlp3")
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), rollback=False)
     first = model[0].weight.detach().clone()
-    with pytest.raises(FloatingPointError, match="stages before it were already updated"):
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss inf in pass 2 \(stage 2, '2'\); the stages before "
+                                                 r"it were already updated$"):
         opt.step(failing_closures(model, x, y)["non-finite loss"])
     assert not torch.equal(first, model[0].weight)
 
@@ -270,7 +271,8 @@ def test_group_level_step_counter_advances_once_per_step():
 
 class TensorCountingSGD(torch.optim.Optimizer):
     """CountingSGD with its group-level state in mutable objects: the step count a tensor incremented in
-    place, a list and a dict of tensors changed in place, a list appended to, an entry added by the first step."""
+    place, a list and a dict of tensors changed in place, a list appended to, an entry added by the first step
+    and one it removes."""
 
     def __init__(self, params, lr):
         super().__init__(params, {"lr": lr, "step": torch.zeros(())})
@@ -278,6 +280,7 @@ class TensorCountingSGD(torch.optim.Optimizer):
             group["buffers"] = [torch.zeros(2)]
             group["stats"] = {"sum": torch.zeros(2)}
             group["seen"] = []
+            group["fresh"] = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -287,6 +290,7 @@ class TensorCountingSGD(torch.optim.Optimizer):
             group["stats"]["sum"] += torch.tensor([3.0, 4.0])
             group["seen"].append(int(group["step"]))
             group["started"] = group.get("started", int(group["step"]))
+            group.pop("fresh", None)
             for p in group["params"]:
                 if p.grad is not None:
                     p.sub_(p.grad, alpha=group["lr"] / float(group["step"]))
@@ -321,7 +325,7 @@ def test_group_state_in_mutable_objects_advances_once_per_step(engine):
             assert torch.equal(group["buffers"][0], torch.tensor([1.0, 2.0]) * t)
             assert torch.equal(group["stats"]["sum"], torch.tensor([3.0, 4.0]) * t)
             assert group["seen"] == list(range(1, t + 1))
-            assert group["started"] == 1
+            assert group["started"] == 1 and "fresh" not in group
         assert_same_params(m, ref)
 
 
@@ -329,7 +333,10 @@ def test_group_state_from_gradients_is_refused_and_the_step_undone():
     model, _, x, y = make("mlp3")
     opt = Backforward(model, GroupNormSGD(model.parameters(), lr=0.1))
     before = snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"sets param_groups\[0\]\['norm'\] from the gradients"):
+    with pytest.raises(ValueError, match=r"^the base optimizer GroupNormSGD sets param_groups\[0\]\['norm'\] from the "
+                                         r"gradients it sees in a step; Backforward updates one stage per pass and "
+                                         r"cannot split such an optimizer \(group-level state must not depend on the "
+                                         r"gradients\)$"):
         opt.step_batch(x, y, F.cross_entropy)
     assert_unchanged(before, model, opt)
 
