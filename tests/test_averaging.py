@@ -7,15 +7,14 @@ reference step with the loss averaged over the two halves.
 
 import copy
 import threading
+from collections import OrderedDict
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import backforward.optimizer as optimizer_module
 from backforward import Backforward, distributed, reference_step
-from backforward.graph import model_graph
 
 F = nn.functional
 
@@ -41,14 +40,6 @@ class ThreadGroup:
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: self._check(group) or self.world)
         monkeypatch.setattr(dist, "get_rank", lambda group=None: self.local.rank)
         monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
-        # torch.fx patches torch globally while it traces: one model at a time.
-        lock = threading.Lock()
-
-        def traced_one_at_a_time(*args, **kwargs):
-            with lock:
-                return model_graph(*args, **kwargs)
-
-        monkeypatch.setattr(optimizer_module, "model_graph", traced_one_at_a_time)
 
     def _check(self, group) -> None:
         if group is not self.group:
@@ -98,32 +89,32 @@ class ThreadGroup:
         return results
 
 
-class TwoPaths(nn.Module):
-    """stem -> head; with ``use_extra`` a residual branch through ``extra`` (a stage only some ranks use);
-    ``unused`` is never called."""
+class Residual(nn.Module):
+    """h + tanh(extra(h)) where ``use_extra`` is set (a stage only some ranks use); ``unused`` is never called."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Linear(4, 6)
         self.extra = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
         self.unused = nn.Linear(6, 3)
         self.use_extra = False
 
-    def forward(self, x):
-        h = torch.tanh(self.stem(x))
-        if self.use_extra:
-            h = h + torch.tanh(self.extra(h))
-        return self.head(h)
+    def forward(self, h):
+        return h + torch.tanh(self.extra(h)) if self.use_extra else h
+
+
+def two_paths():
+    """stem -> tanh -> the residual branch -> head, as a chain: torch.fx would patch torch globally while it
+    traced one rank's model, under the other ranks' forwards."""
+    return nn.Sequential(OrderedDict(stem=nn.Linear(4, 6), act=nn.Tanh(), residual=Residual(), head=nn.Linear(6, 3)))
 
 
 def stages_of(model):
-    return [model.stem, model.extra, model.head, model.unused]
+    return [model.stem, model.residual.extra, model.head, model.residual.unused]
 
 
 def problem():
     torch.manual_seed(0)
-    model = TwoPaths()
+    model = two_paths()
     g = torch.Generator().manual_seed(1)
     return model, torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
 
@@ -141,7 +132,7 @@ def reference_run(model, x, y, extra_on, steps, make_base):
         def closure():
             total = 0
             for (xs, ys), on in zip(halves(x, y), extra_on, strict=True):
-                model.use_extra = on
+                model.residual.use_extra = on
                 total = total + F.cross_entropy(model(xs), ys)
             loss = total / len(extra_on)
             loss.backward()
@@ -165,7 +156,7 @@ def test_two_ranks_step_like_one_process_on_the_whole_batch(monkeypatch, extra_o
 
     def work(rank):
         replica = copy.deepcopy(model)
-        replica.use_extra = extra_on[rank]
+        replica.residual.use_extra = extra_on[rank]
         bf = Backforward(replica, sgd(replica), stages=stages_of(replica), process_group=group.group,
                          check_replicas=True)
         xs, ys = halves(x, y)[rank]
@@ -184,12 +175,12 @@ def test_two_ranks_step_like_one_process_on_the_whole_batch(monkeypatch, extra_o
         # Every rank reports the pass losses of the whole batch, as one process would.
         assert losses == [pytest.approx(ref, rel=1e-5) for ref in reference_losses]
         # A stage that no rank used gets no gradient and no update; one that any rank used gets the average.
-        assert all(p.grad is None for p in replica.unused.parameters())
-        assert all(p not in bf.state for p in replica.unused.parameters())
+        assert all(p.grad is None for p in replica.residual.unused.parameters())
+        assert all(p not in bf.state for p in replica.residual.unused.parameters())
         used_extra = any(extra_on)
-        assert all((p.grad is not None) == used_extra for p in replica.extra.parameters())
+        assert all((p.grad is not None) == used_extra for p in replica.residual.extra.parameters())
         if used_extra:
-            for p, q in zip(replica.extra.parameters(), expected.extra.parameters(), strict=True):
+            for p, q in zip(replica.residual.extra.parameters(), expected.residual.extra.parameters(), strict=True):
                 torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
     # Per step: one all-reduce per pass (four stages) and one for the replica check.
     assert group.calls == [2 * (4 + 1)] * 2
@@ -214,7 +205,7 @@ def test_the_ics_meter_averages_the_start_gradients_over_ranks(monkeypatch):
 
     for report in group.run(work):
         assert not isinstance(report, BaseException), report
-        assert report.stage_names == ["stem", "head", "extra", "unused"]
+        assert report.stage_names == ["stem", "head", "residual.extra", "residual.unused"]
         assert report.grad_norm[:2] == pytest.approx(expected_norms, rel=1e-5)
         assert report.grad_shift[0] == 0.0
         assert report.grad_norm[2:] == [0.0, 0.0]
