@@ -3,6 +3,7 @@
 Exactness on the models researchers train is in test_awkward_models.py (every case that traces runs there).
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -575,3 +576,226 @@ def test_tensors_inside_a_batch_are_put_back_before_every_pass(pack):
             opt.step_batch(pack(x.clone()), y, F.cross_entropy)
         reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(pack(x.clone())), y)))
         assert_same_params(model, ref, atol=1e-12)
+
+
+class Shared(nn.Module):
+    """a's output h is read by an addition and changed in place by another call (or one that only looks so)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.how = how
+        self.act = nn.ReLU(inplace=how == "module")
+
+    def forward(self, x):
+        h = self.a(x)
+        g = self.b(h + 0.5)  # h + 0.5 reads h before the call below (and keeps nothing of it for backward)
+        if self.how == "keyword":
+            r = F.relu(h, inplace=True)
+        elif self.how == "method":
+            r = h.relu_()
+        elif self.how == "function":
+            r = torch.relu_(h)
+        elif self.how == "operator":
+            h += 1.0
+            r = h
+        elif self.how in ("module", "module, not in place"):
+            r = self.act(h)
+        elif self.how == "keyword False":
+            r = F.relu(h, inplace=False)
+        elif self.how == "dunder method":
+            r = h.__mul__(2.0)
+        else:
+            r = torch.relu(h)
+        return self.c(torch.tanh(g) + r)
+
+
+@pytest.mark.parametrize("how, call", [("keyword", "relu"), ("method", "relu_"), ("function", "relu_"),
+                                       ("operator", "iadd"), ("module", "act")])
+def test_every_kind_of_inplace_change_to_a_value_others_read_is_refused(how, call):
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert twin_steps(Shared(how).double(), F.cross_entropy, x, y, quiet=False, steps=2) == ["generic"] * 2
+    assert [str(w.message) for w in caught] == [
+        f"backforward: step_batch runs the generic engine on Shared: {call} changes a in place while other "
+        "operations read it too, which a graph of values cannot order"]
+
+
+@pytest.mark.parametrize("how", ["keyword False", "dunder method", "module, not in place", "plain"])
+def test_calls_that_only_look_in_place_run_on_the_graph_engine(how):
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(Shared(how).double(), F.cross_entropy, x, y, quiet=False, steps=3) == ["generic", "graph",
+                                                                                           "graph"]
+
+
+class StarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, *xs):
+        return self.a(xs[0])
+
+
+class NeedsTwo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.a(x) * z
+
+
+class RootHooked(nn.Sequential):
+    pass
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: Untraceable("no_grad"), "its forward changes grad mode, autocast or saved-tensor hooks inside "
+                                     "(torch.no_grad, torch.autocast, checkpointing), which tracing would drop"),
+    (lambda: Untraceable("random"), "its forward draws random numbers from no tensor input, which tracing would "
+                                    "fix at one value"),
+    (lambda: Untraceable("isinstance"), "its traced graph does not compute what forward() computes on the first "
+                                        "batch (a Python branch that tracing fixed)"),
+    (lambda: PenaltyInForward(), "its forward computes a value from parameters outside the calls tracing records "
+                                 "(e.g. iterating self.parameters()), which tracing would fix at one value"),
+    (lambda: StarArgs(), "its forward takes *xs; step_batch passes one input"),
+    (lambda: NeedsTwo(), "its forward needs argument 'z' besides the input"),
+], ids=["grad mode", "random", "branch", "parameters", "star args", "two arguments"])
+def test_each_refusal_says_why_in_full(make, why):
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    loss_fn = (lambda out, t: F.cross_entropy(out[0], t)) if isinstance(model, PenaltyInForward) else F.cross_entropy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.suppress(TypeError):  # NeedsTwo cannot run on one input at all: the refusal comes first
+            bf.step_batch(x, y, loss_fn)
+    assert str(caught[0].message) == f"backforward: step_batch runs the generic engine on {type(model).__name__}: {why}"
+
+
+@pytest.mark.parametrize("where", ["root", "global"])
+def test_hooks_refuse_the_graph_saying_which(where):
+    from torch.nn.modules import module as nn_module
+
+    torch.manual_seed(0)
+    model = SideBranch()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    handle = (model.register_forward_hook(lambda *_: None) if where == "root"
+              else nn_module.register_module_forward_hook(lambda *_: None))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bf.step_batch(x, y, F.cross_entropy)
+    finally:
+        handle.remove()
+    why = ("the model has forward hooks, which a graph of its calls would not fire" if where == "root" else
+           "global module forward hooks are registered; a graph of calls would not fire them all")
+    assert [str(w.message) for w in caught] == [f"backforward: step_batch runs the generic engine on SideBranch: {why}"]
+
+
+class Defaults(nn.Module):
+    """An argument with a default, a submodule's parameters used directly, a list argument, a tensor attribute
+    of its own, and an output holding a number beside the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(12, 3)
+        self.offset = torch.zeros(3)  # a plain tensor attribute (not a buffer): it may be replaced
+
+    def forward(self, x, scale=2.0):
+        h = torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], 1) * scale
+        return {"logits": F.linear(h, self.head.weight, self.head.bias) + self.offset, "scale": scale}
+
+
+def test_defaults_direct_parameters_lists_tensor_attributes_and_numbers_in_the_output_run_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+
+    def replace_offset(m, t):
+        m.offset = torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64) * t  # not uniform: softmax would not see it
+
+    engines = twin_steps(Defaults().double(), lambda out, t: F.cross_entropy(out["logits"], t), x, y,
+                         change=replace_offset, quiet=False, steps=4)
+    assert engines == ["generic", "graph", "graph", "graph"]
+
+
+class ReadsRunningMean(nn.Module):
+    """A batch norm's running mean read by attribute in a branch its call does not feed: a pass that
+    recomputes the branch must recompute the call, or it reads the statistics from before the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.mid, self.head = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.bn(torch.tanh(self.stem(x)))
+        g = torch.tanh(self.mid(x)) * self.bn.running_mean
+        return self.head(h + g)
+
+
+def test_a_buffer_read_by_attribute_is_recomputed_with_the_call_that_updates_it():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    engines = twin_steps(ReadsRunningMean().double(), F.cross_entropy, x, y, quiet=False, steps=4)
+    assert engines[1:] == ["graph"] * 3
+
+
+class TwoUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.spare1, self.spare2 = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_passes_of_stages_the_forward_does_not_use_run_whole_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(TwoUnused().double(), F.cross_entropy, x, y, quiet=False, steps=3) == ["generic", "graph",
+                                                                                           "graph"]
+
+
+class GradAware(nn.Module):
+    """Computes differently when its input requires grad, as torch's fast paths choose kernels."""
+
+    def forward(self, x):
+        return x * 2 if x.requires_grad else x * 3
+
+
+def test_kept_values_are_fed_back_with_their_requires_grad_flag():
+    # Pass 3 starts at the block: it reads tanh(layer 0), kept from pass 2, which requires grad in a plain forward.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Sequential(GradAware(), nn.Linear(6, 6)), nn.Tanh(),
+                          nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(model, F.cross_entropy, x, y, quiet=False, steps=3) == ["generic", "chain", "chain"]
+
+
+def test_a_checkpointed_forward_is_refused_saying_why():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf.step_batch(torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
+    assert [str(w.message) for w in caught] == [
+        "backforward: step_batch runs the generic engine on Checkpointed: its forward changes grad mode, autocast or "
+        "saved-tensor hooks inside (torch.no_grad, torch.autocast, checkpointing), which tracing would drop"]
