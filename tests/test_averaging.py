@@ -54,7 +54,7 @@ class ThreadGroup:
             slots = self.rounds.setdefault(call, {})
             slots[rank] = tensor.clone()
             self.cond.notify_all()
-            if not self.cond.wait_for(lambda: len(slots) == self.world or self.failed, timeout=60):
+            if not self.cond.wait_for(lambda: len(slots) == self.world or self.failed, timeout=20):
                 raise TimeoutError(f"all-reduce #{call}: a rank never came")
             if len(slots) < self.world:
                 raise RuntimeError(f"all-reduce #{call}: another rank failed")
@@ -84,7 +84,7 @@ class ThreadGroup:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=60)
         assert not any(t.is_alive() for t in threads), "a rank hung"
         return results
 
