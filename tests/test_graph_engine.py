@@ -123,6 +123,7 @@ def test_kept_values_are_counted_while_the_step_runs():
     model = SideBranch()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert bf._held_between_passes() == []  # before any step: no plan yet
     seen = []
     model.head.register_forward_hook(lambda *_: seen.append([tuple(t.shape) for t in bf._held_between_passes()]))
     for _ in range(3):
@@ -534,6 +535,79 @@ def test_hooks_added_after_the_graph_was_read_take_effect(where):
             h.remove()
 
 
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_a_hook_added_to_a_sequential_after_its_chain_was_read_takes_effect(kind):
+    """A forward (or forward pre-) hook on the root of a plain nn.Sequential, alone, after fast steps: the
+    chain engine would call the children and skip it, so every later step runs the hook, as the reference's
+    plain forward does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    ref, stages = clone(model, [list(model[i].parameters()) for i in (0, 2)])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for t in range(4):
+        if t == 2:
+            for m in (model, ref):
+                if kind == "forward":
+                    m.register_forward_hook(lambda _m, _a, out: out * 2)
+                else:
+                    m.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step_batch(x, y, F.cross_entropy)
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        assert_same_params(model, ref, atol=1e-12)
+        if t > 0:  # the first step reads the stage order from a whole pass
+            assert opt._engine == ("chain" if t == 1 else "generic")
+
+
+class SwappableActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act, self.head = nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.stem(x)))
+
+
+def test_a_submodule_replaced_after_the_graph_was_read_is_the_one_that_runs():
+    """Tanh swapped for Sigmoid (same plain attributes) after fast steps: the model is read again."""
+    torch.manual_seed(0)
+    model = SwappableActivation().double()
+    ref, stages = clone(model, [list(model.stem.parameters()), list(model.head.parameters())])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for t in range(4):
+        if t == 2:
+            model.act, ref.act = nn.Sigmoid(), nn.Sigmoid()
+        opt.step_batch(x, y, F.cross_entropy)
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        assert_same_params(model, ref, atol=1e-12)
+        if t in (1, 3):  # the first step on a new graph reads the stage order from a whole pass
+            assert opt._engine == "graph"
+
+
+def test_private_and_non_plain_attributes_do_not_make_the_model_read_again():
+    """Only a module's public plain attributes (flags, rates, sizes) choose its traced branches: a public list
+    (unhashable) and a private counter changed every step leave the graph as it was."""
+    torch.manual_seed(0)
+    model = SwappableActivation().double()
+    model.sizes = [4, 6, 3]
+    ref, stages = clone(model, [list(model.stem.parameters()), list(model.head.parameters())])
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for t in range(4):
+        model._steps_seen = t
+        opt.step_batch(x, y, F.cross_entropy)
+        reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        assert_same_params(model, ref, atol=1e-12)
+        if t > 0:
+            assert opt._engine == "graph"
+
+
 def test_the_fallback_is_said_once_however_many_times_the_model_is_read_again():
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
@@ -550,19 +624,20 @@ def test_the_fallback_is_said_once_however_many_times_the_model_is_read_again():
 
 
 class TakesABatch(nn.Module):
-    """Reads its input from a dict or a tuple, and modifies it in place."""
+    """Reads its input x from a dict or a tuple between two tensors it leaves alone, and modifies x in place."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, batch):
-        x = batch["x"] if isinstance(batch, dict) else batch[0]
+        w, x, v = (batch["w"], batch["x"], batch["v"]) if isinstance(batch, dict) else batch
         x.mul_(2)
-        return self.b(torch.tanh(self.a(x)))
+        return self.b(torch.tanh(self.a(x * w + v)))
 
 
-@pytest.mark.parametrize("pack", [lambda x: {"x": x}, lambda x: (x,), lambda x: [x]], ids=["dict", "tuple", "list"])
+@pytest.mark.parametrize("pack", [lambda x: {"w": x.abs(), "x": x, "v": x.cos()}, lambda x: (x.abs(), x, x.cos()),
+                                  lambda x: [x.abs(), x, x.cos()]], ids=["dict", "tuple", "list"])
 def test_tensors_inside_a_batch_are_put_back_before_every_pass(pack):
     torch.manual_seed(0)
     model = TakesABatch().double()

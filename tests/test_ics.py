@@ -239,3 +239,39 @@ def test_measure_ics_rejects_a_model_without_trainable_parameters():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="^the model has no trainable parameters$"):
         measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), 0.1)
+
+
+class HeadRegisteredFirst(nn.Module):
+    """Registration order (head, body) is the reverse of data flow (body, head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.body = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_measure_ics_with_named_stages_follows_data_flow_not_registration():
+    """Default stages update in data-flow order: pass 2 sees the body moved by lr·G_body, and the head's
+    G' is computed there; registration order would move the head first."""
+    lr = 0.5
+    torch.manual_seed(0)
+    model, x, y = HeadRegisteredFirst(), torch.randn(8, 4), torch.randint(0, 3, (8,))
+    moved_body = copy.deepcopy(model)
+    F.cross_entropy(moved_body(x), y).backward()
+    G_head = torch.cat([p.grad.reshape(-1) for p in moved_body.head.parameters()])
+    with torch.no_grad():
+        for p in moved_body.body.parameters():
+            p.sub_(lr * p.grad)
+    moved_body.zero_grad()
+    after = F.cross_entropy(moved_body(x), y)
+    after.backward()
+    G_head_prime = torch.cat([p.grad.reshape(-1) for p in moved_body.head.parameters()])
+    report = measure_ics(model, lambda: _backward(F.cross_entropy(model(x), y)), lr)
+    assert report.stage_names == ["body", "head"]
+    assert report.losses[1] == pytest.approx(after.item(), rel=1e-6)
+    shift, cosine = expected_shift(G_head, G_head_prime)
+    assert report.grad_shift[1] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
+    assert report.grad_cosine[1] == pytest.approx(cosine, rel=1e-5)

@@ -606,6 +606,29 @@ def test_unscaling_in_the_closure_is_refused_with_what_to_do_instead():
     assert_unchanged(before, model, opt)
 
 
+def test_one_scaler_for_two_optimizers_as_in_a_gan():
+    """torch's AMP recipe for several optimizers: scaler.step(other) before Backforward's step, one
+    scaler.update() after both. The other optimizer's entry is the user's, not an unscale in the closure;
+    the Backforward step equals one without the other optimizer (scaling by a power of two is exact)."""
+    model, _, x, y = make("mlp3")
+    alone = copy.deepcopy(model)
+    other = nn.Linear(3, 1)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    scaler, scaler_alone = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3), grad_scaler=scaler)
+    opt_alone = Backforward(alone, torch.optim.SGD(alone.parameters(), lr=0.3), grad_scaler=scaler_alone)
+    for _ in range(2):
+        other_opt.zero_grad()
+        scaler.scale(other(torch.randn(4, 3)).pow(2).mean()).backward()
+        scaler.step(other_opt)
+        opt.step(amp_closure(model, x, y, scaler))
+        scaler.update()
+        opt_alone.step(amp_closure(alone, x, y, scaler_alone))
+        scaler_alone.update()
+        assert not opt.last_step_skipped
+        assert_same_params(model, alone, atol=0)
+
+
 def test_resuming_through_the_base_optimizer_keeps_scheduler_and_state_shared():
     model, x, y = small_mlp()
     base = torch.optim.Adam(model.parameters(), lr=0.1)

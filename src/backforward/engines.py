@@ -42,7 +42,6 @@ RunPass = Callable[[int, "StageGradients"], torch.Tensor]
 class StepSetup:
     """Everything a step needs besides its passes (the optimizer builds one per step, the ICS meter too)."""
 
-    model: nn.Module
     stages: Sequence[Stage]
     order: list[int] | None                 # stage index updated in each pass; None: data flow, read in pass 1
     update: Callable[[Stage], None]         # moves one stage with its parameters' .grad
@@ -57,6 +56,7 @@ class StepSetup:
     reduce: Callable[[list[torch.Tensor]], None] | None = None  # averages tensors over processes, in place
     grad_scaler: Any = None                 # torch.amp.GradScaler
     scaler_views: dict[int, Any] = field(default_factory=dict)  # id(stage) -> what GradScaler.unscale_ reads
+    scaler_before: dict[int, Any] = field(default_factory=dict)  # the GradScaler's stages when the step began
     max_grad_norm: float | None = None
     check_finite: bool = True
     rollback: bool = True
@@ -387,11 +387,17 @@ def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, met
     return grads
 
 
+def scaler_stages(scaler: Any) -> dict[int, Any]:
+    """Where an enabled GradScaler stands with each optimizer it saw since its last ``update()``, by id."""
+    return {key: state["stage"] for key, state in scaler._per_optimizer_states.items()}
+
+
 def _refuse_unscaled_by_the_closure(setup: StepSetup) -> None:
-    """``scaler.unscale_(optimizer)`` in the closure would unscale twice: say so instead."""
+    """``scaler.unscale_(optimizer)`` in the closure would unscale twice: say so instead. Optimizers the
+    scaler had unscaled or stepped before this step began (a GAN's other optimizer) are the user's."""
     ours = {id(view) for view in setup.scaler_views.values()}
-    states = getattr(setup.grad_scaler, "_per_optimizer_states", {})
-    if any(key not in ours and state.get("stage") is not OptState.READY for key, state in states.items()):
+    now = scaler_stages(setup.grad_scaler)
+    if any(key not in ours and stage is not setup.scaler_before.get(key, OptState.READY) for key, stage in now.items()):
         raise RuntimeError("with grad_scaler=, Backforward unscales each pass's gradients itself: do not call "
                            "scaler.unscale_() or scaler.step() in the closure; clip with max_grad_norm=")
 

@@ -33,26 +33,18 @@ class ICSReport:
         return asdict(self)
 
 
-def gradient_shift(g: Sequence[torch.Tensor | None], g_prime: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def gradient_shift(g: Sequence[torch.Tensor], g_prime: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """[‖G − G'‖₂, cos∠(G, G'), ‖G‖₂] over one stage's parameters, in float64 on their device.
 
-    A missing gradient counts as zero; the cosine is NaN when either gradient is zero (no angle).
+    A missing G' (the pass did not use the parameter) counts as zero; the cosine is 0/0, NaN, when
+    either gradient is zero (no angle).
     """
-    a, b = _flat(g, g_prime), _flat(g_prime, g)
+    a = torch.cat([t.detach().reshape(-1).double() for t in g])
+    b = torch.cat([(torch.zeros_like(t) if u is None else u).detach().reshape(-1).double()
+                   for t, u in zip(g, g_prime, strict=True)])
     norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     cosine = torch.dot(a, b) / (norm_a * norm_b)
-    cosine = torch.where((norm_a > 0) & (norm_b > 0), cosine, torch.full_like(cosine, float("nan")))
     return torch.stack([torch.linalg.vector_norm(a - b), cosine, norm_a])
-
-
-def _flat(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    parts = []
-    for g, other in zip(grads, like, strict=True):
-        if g is None and other is not None:
-            g = torch.zeros_like(other)
-        if g is not None:
-            parts.append(g.detach().reshape(-1).double())
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float,
@@ -78,7 +70,7 @@ def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float
                 p.sub_(plain[id(p)], alpha=lr)
 
     named = stages is None or isinstance(stages, str)
-    setup = StepSetup(model=model, stages=found, order=None if named else list(range(len(found))),
+    setup = StepSetup(stages=found, order=None if named else list(range(len(found))),
                       parameters=frozenset(parameter_names(model)), update=plain_sgd_step,
                       buffers=buffer_slots(model), start_grads=plain, check_finite=False)
     result = backforward_step(setup, closure_pass(closure), keep=False)

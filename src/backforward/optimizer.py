@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass
+from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass, scaler_stages
 from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential
 from .ics import ICSReport, gradient_shift
 from .replay import InputModified, buffer_slots
@@ -214,13 +214,15 @@ class Backforward(torch.optim.Optimizer):
         reverse = self.order == "reverse"
         named = self._stage_spec is None or isinstance(self._stage_spec, str)
         forward = list(range(len(plan.stages)))
+        scaler = self._scaler()
         setup = StepSetup(
-            model=self.model, stages=list(plan.stages), parameters=plan.parameters,
+            stages=list(plan.stages), parameters=plan.parameters,
             # Named stages follow this step's data flow, read from its first pass (a fast pass needs it known).
             order=None if named and follow_graph else (forward[::-1] if reverse else forward),
             reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
-            reduce=self._reducer(), grad_scaler=self._scaler(), scaler_views=plan.scaler_views,
+            reduce=self._reducer(), grad_scaler=scaler, scaler_views=plan.scaler_views,
+            scaler_before=scaler_stages(scaler) if scaler is not None else {},
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
             rollback=self.rollback and not capturing, inputs=inputs,
             copy_inputs=plan.inputs_modified is not False and not capturing)

@@ -107,7 +107,7 @@ def explicit_stages(model: nn.Module, spec: Sequence[nn.Module | Iterable[nn.Par
             if id(p) not in names:
                 raise ValueError(f"stage {i} holds a parameter of shape {tuple(p.shape)} that is not the model's")
             if id(p) not in wanted and p.requires_grad:
-                raise ValueError(f"stage {i} holds parameter {_name(p, names)} that the optimizer does not hold")
+                raise ValueError(f"stage {i} holds parameter {names[id(p)]} that the optimizer does not hold")
         params = tuple(p for p in given if id(p) in wanted)
         if not params:
             continue
@@ -128,16 +128,12 @@ def check_stages(stages: Sequence[Stage], trainable: Sequence[nn.Parameter], nam
     for stage in stages:
         for p in stage.params:
             if id(p) in owner:
-                raise ValueError(f"parameter {_name(p, names)} is claimed by two stages: "
+                raise ValueError(f"parameter {names[id(p)]} is claimed by two stages: "
                                  f"{owner[id(p)]!r} and {stage.name!r}")
             owner[id(p)] = stage.name
     for p in trainable:
         if id(p) not in owner:
-            raise ValueError(f"parameter {_name(p, names)} is in no stage")
-
-
-def _name(p: torch.Tensor, names: dict[int, str]) -> str:
-    return names.get(id(p), f"of shape {tuple(p.shape)}")
+            raise ValueError(f"parameter {names[id(p)]} is in no stage")
 
 
 def _common_prefix(names: Sequence[str]) -> str:
