@@ -123,7 +123,7 @@ def test_kept_values_are_counted_while_the_step_runs():
     model = SideBranch()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert bf._held_between_passes() == []  # before any step: no plan yet
+    assert bf._held_between_passes() == []  # before any step
     seen = []
     model.head.register_forward_hook(lambda *_: seen.append([tuple(t.shape) for t in bf._held_between_passes()]))
     for _ in range(3):
@@ -133,6 +133,56 @@ def test_kept_values_are_counted_while_the_step_runs():
     assert bf._engine == "graph"
     assert [len(held) for held in seen[-5:]] == [0, 1, 2, 3, 0]
     assert all(shape == (5, 6) for held in seen[-5:] for shape in held)
+
+
+class ReadsTheBatchLate(nn.Module):
+    """The last stage reads a view of the batch (same storage): kept between passes, but the batch's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        v = x.flatten(1)
+        return self.b(torch.tanh(self.a(v))) + self.c(v)
+
+
+def test_views_of_the_batch_are_not_counted_as_kept_values():
+    torch.manual_seed(2)
+    model = ReadsTheBatchLate()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = []
+    for name in "abc":
+        getattr(model, name).register_forward_hook(
+            lambda *_, name=name: seen.append((name, [tuple(t.shape) for t in bf._held_between_passes()])))
+    for _ in range(3):
+        bf.step_batch(x, y, F.cross_entropy)
+    assert bf._engine == "graph"
+    # The last step: pass 1 runs a, b, c; pass 2 keeps tanh(a(v)) for pass 3; pass 3 runs b and c. v, a view
+    # of the batch kept for c from pass 1 to pass 3, is the batch's memory, not the engine's.
+    assert seen[-7:] == [("a", []), ("b", []), ("c", []), ("a", []), ("b", [(5, 6)]), ("b", []), ("c", [])]
+
+
+class Masks(nn.Module):
+    """``a & b`` and ``a | b`` (operator.and_, operator.or_: names ending in "_" that return a new value) on
+    masks that other operations read too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        positive, small = h > 0, h.abs() < 1
+        both, either = positive & small, positive | small
+        return self.b(h * both + h * either + h * positive + h * small)
+
+
+def test_and_and_or_of_values_others_read_stay_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(Masks().double(), F.cross_entropy, x, y, steps=3, quiet=False) == ["generic", "graph", "graph"]
 
 
 class Untraceable(nn.Module):
@@ -413,6 +463,26 @@ def test_a_model_returning_a_dict_runs_on_the_graph_engine():
     assert engines == ["generic", "graph", "graph"]
 
 
+def test_a_dict_inside_a_tuple_output_is_a_plain_dict_the_loss_may_change():
+    """(logits, {"aux": h}): the loss function pops the dict, as it may with what forward() returns."""
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h), {"aux": h}
+
+    def loss_fn(out, t):
+        logits, extra = out
+        return F.cross_entropy(logits, t) + 0.1 * extra.pop("aux").pow(2).mean()
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(WithAux().double(), loss_fn, x, y, steps=3) == ["generic", "graph", "graph"]
+
+
 class MethodKeywords(nn.Module):
     """Tensor methods called with keywords (``softmax(dim=...)``, ``sum(dim=..., keepdim=...)``) between stages."""
 
@@ -498,6 +568,22 @@ class WithBlock(nn.Module):
 
     def forward(self, x):
         return self.head(self.block(torch.tanh(self.stem(x))))
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_a_container_with_a_hook_of_its_own_is_called_whole(kind):
+    """A hook (here one that reads a value on the host, which tracing could not record) on a container that
+    owns no parameters itself: the graph calls the container whole, so the hook runs each time it is called."""
+    torch.manual_seed(0)
+    model = WithBlock().double()
+    seen = []
+    if kind == "forward":
+        model.block.register_forward_hook(lambda _m, _a, out: seen.append(float(out.detach().sum())))
+    else:
+        model.block.register_forward_pre_hook(lambda _m, args: seen.append(float(args[0].detach().sum())))
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    engines = twin_steps(model, F.cross_entropy, x, y, steps=3, quiet=False)
+    assert engines == ["generic", "graph", "graph"] and seen
 
 
 @pytest.mark.parametrize("where", ["root", "block", "global"])

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.amp.grad_scaler import OptState
 
 from .replay import BufferSlot, GroupStateReplay, InputValues, Replay, Rollback
 from .stages import Stage, data_flow_order, scan_graph
@@ -397,7 +396,7 @@ def _refuse_unscaled_by_the_closure(setup: StepSetup) -> None:
     scaler had unscaled or stepped before this step began (a GAN's other optimizer) are the user's."""
     ours = {id(view) for view in setup.scaler_views.values()}
     now = scaler_stages(setup.grad_scaler)
-    if any(key not in ours and stage is not setup.scaler_before.get(key, OptState.READY) for key, stage in now.items()):
+    if any(key not in ours and stage is not setup.scaler_before.get(key) for key, stage in now.items()):
         raise RuntimeError("with grad_scaler=, Backforward unscales each pass's gradients itself: do not call "
                            "scaler.unscale_() or scaler.step() in the closure; clip with max_grad_norm=")
 
@@ -410,7 +409,7 @@ def _average(reduce: Callable[[list[torch.Tensor]], None], params: Sequence[nn.P
     for p in params:
         if id(p) in missing:
             p.grad = torch.zeros_like(p)
-    present = torch.tensor([id(p) not in missing for p in params], dtype=loss.dtype, device=loss.device)
+    present = loss.new_tensor([id(p) not in missing for p in params])
     reduce([*(p.grad for p in params), *extra, loss, present])
     if missing:  # a host read only where this process saw an unused parameter
         for p, seen in zip(params, present.tolist(), strict=True):

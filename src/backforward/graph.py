@@ -133,7 +133,6 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
         self.ambient = _ambient()
         self.buffer_ids = {id(b) for b in model.buffers()}
 
@@ -185,7 +184,9 @@ def _modifies_first_argument(model: nn.Module, node: fx.Node) -> bool:
         return str(node.target).endswith("_") and not str(node.target).startswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_"))
+        # operator.and_ and operator.or_ (``a & b``, ``a | b``) end with "_" but return a new value
+        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")
+                                                     and getattr(node.target, "__module__", None) != "_operator")
     if node.op == "call_module":
         return getattr(model.get_submodule(str(node.target)), "inplace", False) is True
     return False
@@ -206,22 +207,17 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
     _refuse_shared_inplace(model, graph)
     index: dict[fx.Node, int] = {}
     ops: list[Op] = []
-    placeholders = 0
     for node in graph.nodes:
-        i = len(ops)
+        i = len(ops)  # fx puts the placeholders first: op 0 is the input, the others must have defaults
         reads = tuple(index[n] for n in node.all_input_nodes)
         args = fx.node.map_arg(node.args, lambda n: _Ref(index[n]))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: _Ref(index[n]))
-        params: tuple[int, ...] = ()
-        buffers: tuple[int, ...] = ()
         if node.op == "placeholder":
             if str(node.target).startswith("*"):
-                raise Refusal(f"its forward takes *{str(node.target).lstrip('*')}; step_batch passes one input")
-            if placeholders and not node.args:
+                raise Refusal(f"its forward takes {node.target}; step_batch passes one input")
+            if i > 0 and not node.args:
                 raise Refusal(f"its forward needs argument {node.target!r} besides the input")
-            default = node.args[0] if node.args else None
-            op = Op(node.name, _never if not placeholders else (lambda env, d=default: d), free=True)
-            placeholders += 1
+            op = Op(node.name, _never if i == 0 else (lambda env, d=node.args[0]: d), free=True)
         elif node.op == "get_attr":
             owner, _, attr = str(node.target).rpartition(".")
             module = model.get_submodule(owner)
@@ -501,14 +497,14 @@ def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ..
 
 # ---- kept values ----
 
-def _keep(value: Any, copy: bool = False) -> tuple[Any, tuple[int, ...]]:
+def _keep(value: Any, *, copy: bool) -> tuple[Any, tuple[int, ...]]:
     """Detached (copied, for a value a module modifies in place), with its ``requires_grad`` flag (modules
     choose kernels by it), and its version counters."""
     kept = _map_tensors(functools.partial(_detach, copy=copy), value)
     return kept, _versions(kept)
 
 
-def _detach(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+def _detach(t: torch.Tensor, copy: bool) -> torch.Tensor:
     kept = t.detach().clone() if copy else t.detach()
     return kept.requires_grad_() if t.requires_grad else kept
 
@@ -519,7 +515,7 @@ def _versions(value: Any) -> tuple[int, ...]:
     return tuple(t._version for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
-def _feed(kept: Any, copy: bool = False) -> Any:
+def _feed(kept: Any, *, copy: bool) -> Any:
     if copy:
         kept = _map_tensors(functools.partial(_detach, copy=True), kept)
     return _map_tensors(lambda t: _Alias.apply(t) if t.requires_grad else t, kept)

@@ -178,8 +178,7 @@ class Backforward(torch.optim.Optimizer):
 
     def _held_between_passes(self) -> list[torch.Tensor]:
         """Values the fast engine keeps from one pass for later ones (for memory accounting)."""
-        plan = self._plan
-        return [t for engine in (plan.engines.values() if plan else ()) for t in engine.kept_tensors()]
+        return [t for engine in self._current_plan().engines.values() for t in engine.kept_tensors()]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._initialising:  # Optimizer.__init__ adding the base optimizer's groups again

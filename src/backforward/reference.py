@@ -44,7 +44,7 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     own_after: list[dict] = []    # the entries that step changed, as it left them
     for k, stage in enumerate(stages):
         _set_rng_state(rng_start)
-        _set_buffers(model, buffers_start)
+        _set_buffers(buffers_start)
         for p in [*stage_params, *(p for p, _ in others)]:
             p.grad = None  # the closure's backward would accumulate into the others' gradients in place
         loss = closure()
@@ -80,7 +80,7 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                           if key not in before or not _equal(before[key], value)}
                          for group, before in zip(groups, before_step, strict=True)]
     _set_rng_state(rng_after)
-    _set_buffers(model, buffers_after)
+    _set_buffers(buffers_after)
     for group, after in zip(groups, own_after, strict=True):
         group.update(after)
     for stage, grads in zip(stages, used, strict=True):
@@ -104,7 +104,7 @@ def _buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     return [(m, name, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
 
 
-def _set_buffers(model: nn.Module, saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+def _set_buffers(saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
     for m, name, value in saved:
         m._buffers[name] = value.clone()
 
