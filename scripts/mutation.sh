@@ -2,6 +2,8 @@
 # Mutation testing of the library's core with mutmut, on demand (not in CI): README, "Development".
 #
 #   scripts/mutation.sh            every mutant, from scratch; writes the score into the README
+#   scripts/mutation.sh --resume   the mutants the last run did not check (stopped early, or code changed since),
+#                                  reusing its results for the rest; writes the score into the README
 #   scripts/mutation.sh NAME...    only these mutants (names or globs, e.g. 'backforward.stages.*'), reusing the
 #                                  last run's results for the rest; prints the summary, leaves the README alone
 #
@@ -15,8 +17,14 @@ if ! .venv/bin/python -c "import mutmut" 2>/dev/null; then
     exit 2
 fi
 start=$(date +%s)
-if [ $# -eq 0 ]; then
+readme=yes timing=(--minutes)
+if [ "${1:-}" = --resume ]; then
+    shift
+    timing=()  # a resumed run's wall time is not the whole run's
+elif [ $# -eq 0 ]; then
     rm -rf mutants  # mutated copies of src/ and tests/, and results, of the last run
+else
+    readme=no
 fi
 # mutmut redraws its progress line many times a second: keep the last state of each line.
 .venv/bin/mutmut run --max-children "${JOBS:-2}" "$@" | tr '\r' '\n' | awk '
@@ -25,8 +33,9 @@ fi
     { if (progress != "") print progress; progress = ""; print; fflush() }
     END { if (progress != "") print progress }'
 minutes=$(( ($(date +%s) - start + 59) / 60 ))
-if [ $# -eq 0 ]; then
-    .venv/bin/python scripts/mutation_report.py --minutes "$minutes" --jobs "${JOBS:-2}" --readme README.md
+[ ${#timing[@]} -gt 0 ] && timing=(--minutes "$minutes" --jobs "${JOBS:-2}")
+if [ $readme = yes ]; then
+    .venv/bin/python scripts/mutation_report.py "${timing[@]}" --readme README.md
 else
     .venv/bin/python scripts/mutation_report.py
 fi

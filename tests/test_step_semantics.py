@@ -355,6 +355,18 @@ def test_parameter_group_added_after_wrapping_is_trained():
     assert len(base.param_groups) == 3
 
 
+def test_a_parameter_outside_the_model_added_to_the_base_optimizer_is_refused_before_anything_moves():
+    model, _, x, y = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.3)
+    opt = Backforward(model, base)
+    base.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"^optimizer parameter #6 \(shape \(2,\)\) is not a parameter of the "
+                                         r"model$"):
+        opt.step_batch(x, y, F.cross_entropy)
+    assert_unchanged(before, model, opt)
+
+
 def test_optimizers_that_need_a_closure_are_refused():
     model = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="LBFGS.step needs a closure"):

@@ -120,8 +120,7 @@ class Backforward(torch.optim.Optimizer):
         self._plan: _Plan | None = None
         self._graphs: dict[tuple, ModelGraph | None] = {}  # the model read as a graph, per module structure
         self._engine = "generic"                            # the engine the last step ran
-        self._check_held(optimizer.param_groups)
-        self._current_plan()  # bad stages raise here, before any step
+        self._current_plan()  # parameters outside the model and bad stages raise here, before any step
         self._initialising = True
         super().__init__([p for g in optimizer.param_groups for p in g["params"]], dict(optimizer.defaults))
         self._initialising = False
@@ -295,6 +294,7 @@ class Backforward(torch.optim.Optimizer):
         groups = self.base_optimizer.param_groups
         key = tuple(tuple(id(p) for p in g["params"] if p.requires_grad) for g in groups)
         if self._plan is None or self._plan.key != key:
+            self._check_held(groups)  # again: groups added to the base optimizer itself come here first
             trainable = [p for g in groups for p in g["params"] if p.requires_grad]
             if not trainable:
                 raise ValueError("the optimizer holds no trainable parameters (all are frozen)")
