@@ -135,6 +135,21 @@ def test_kept_values_are_counted_while_the_step_runs():
     assert all(shape == (5, 6) for held in seen[-5:] for shape in held)
 
 
+def test_kept_values_read_while_the_base_optimizer_steps_leave_the_plan_alone():
+    """The base optimizer holds one stage's parameters while it steps: reading what is kept then must not
+    find the stages again (with explicit stages, one would be 'not held')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    bf = Backforward(model, base, stages=[model[0], model[2]])
+    seen = []
+    base.register_step_post_hook(lambda *_: seen.append(len(bf._held_between_passes())))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for _ in range(3):
+        bf.step_batch(x, y, F.cross_entropy)
+    assert bf._engine == "chain" and len(seen) == 6
+
+
 class ReadsTheBatchLate(nn.Module):
     """The last stage reads a view of the batch (same storage): kept between passes, but the batch's own."""
 
@@ -193,8 +208,10 @@ class Untraceable(nn.Module):
         self.kind = kind
         self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         h = self.l1(x)
+        if self.kind == "default" and mask is not None:  # tracing sees a Proxy and multiplies by None
+            h = h * mask
         if self.kind == "no_grad":
             with torch.no_grad():
                 h = h * 2
@@ -213,7 +230,8 @@ class Untraceable(nn.Module):
 @pytest.mark.parametrize("kind, reason", [("no_grad", "grad mode"), ("autocast", "autocast"),
                                           ("random", "random numbers"),
                                           ("isinstance", "does not compute what forward() computes"),
-                                          ("control flow", "cannot trace"), ("hook", "hooks")])
+                                          ("control flow", "cannot trace"), ("hook", "hooks"),
+                                          ("default", "its traced graph fails on the first batch (TypeError: ")])
 def test_untraceable_models_fall_back_to_the_generic_engine_saying_why_once(kind, reason):
     torch.manual_seed(3)
     model = Untraceable(kind)

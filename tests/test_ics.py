@@ -275,3 +275,16 @@ def test_measure_ics_with_named_stages_follows_data_flow_not_registration():
     shift, cosine = expected_shift(G_head, G_head_prime)
     assert report.grad_shift[1] == pytest.approx(shift, rel=1e-4) and shift > 1e-3
     assert report.grad_cosine[1] == pytest.approx(cosine, rel=1e-5)
+
+
+def test_the_cosine_of_tiny_float64_gradients_is_their_angle_and_nan_without_one():
+    """Gradients of 1e-170 (float64 norms underflow to 0 there) have the angle of the same gradients at 1."""
+    from backforward.ics import gradient_shift
+
+    g = [torch.tensor([3.0, -4.0], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64)]
+    g_prime = [torch.tensor([-3.0, 4.0], dtype=torch.float64), torch.tensor([[-1.0]], dtype=torch.float64)]
+    for scale in (1.0, 1e-170):
+        _, cosine, _ = gradient_shift([t * scale for t in g], [t * scale for t in g_prime]).tolist()
+        assert cosine == pytest.approx(-1.0)
+    _, cosine, norm = gradient_shift(g, [None, torch.zeros(1, 1, dtype=torch.float64)]).tolist()
+    assert math.isnan(cosine) and norm == pytest.approx(math.sqrt(26))

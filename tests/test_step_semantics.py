@@ -356,12 +356,17 @@ def test_parameter_group_added_after_wrapping_is_trained():
 
 
 def test_a_parameter_outside_the_model_added_to_the_base_optimizer_is_refused_before_anything_moves():
+    """A frozen one is never touched (as by a plain optimizer); one that requires grad could be in no stage."""
     model, _, x, y = make("mlp3")
     base = torch.optim.SGD(model.parameters(), lr=0.3)
     opt = Backforward(model, base)
+    frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
+    base.add_param_group({"params": [frozen]})
+    opt.step_batch(x, y, F.cross_entropy)
+    assert torch.equal(frozen, torch.zeros(3)) and frozen.grad is None
     base.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
     before = snapshot(model, opt)
-    with pytest.raises(ValueError, match=r"^optimizer parameter #6 \(shape \(2,\)\) is not a parameter of the "
+    with pytest.raises(ValueError, match=r"^optimizer parameter #7 \(shape \(2,\)\) is not a parameter of the "
                                          r"model$"):
         opt.step_batch(x, y, F.cross_entropy)
     assert_unchanged(before, model, opt)
@@ -598,23 +603,30 @@ def test_a_step_inside_no_grad_still_trains():
     assert_same_params(model, ref, atol=1e-12)
 
 
-def test_unscaling_in_the_closure_is_refused_with_what_to_do_instead():
+@pytest.mark.parametrize("when", ["in the closure", "before the step"])
+@pytest.mark.parametrize("which", ["wrapper", "base"])
+def test_unscaling_this_optimizer_is_refused_with_what_to_do_instead(when, which):
+    """torch's AMP recipe for clipping (unscale_, clip, step) would unscale twice, and Backforward's passes
+    recompute the gradients the user clipped: refused, whether in the closure or before the step."""
     model, _, x, y = make("mlp3")
     scaler = torch.amp.GradScaler("cpu")
-    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_scaler=scaler)
-    before = snapshot(model, opt)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = Backforward(model, base, grad_scaler=scaler)
 
-    def closure():
+    def backward_unscaled_and_clipped():
         loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
+        scaler.unscale_(opt if which == "wrapper" else base)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         return loss
 
+    if when == "before the step":
+        backward_unscaled_and_clipped()
+    before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"^with grad_scaler=, Backforward unscales each pass's gradients itself: "
-                                           r"do not call scaler.unscale_\(\) or scaler.step\(\) in the closure; "
-                                           "clip with max_grad_norm=$"):
-        opt.step(closure)
+                                           r"do not call scaler.unscale_\(\) or scaler.step\(\) on it, in the "
+                                           r"closure or before the step; clip with max_grad_norm=$"):
+        opt.step(backward_unscaled_and_clipped if when == "in the closure" else amp_closure(model, x, y, scaler))
     assert_unchanged(before, model, opt)
 
 

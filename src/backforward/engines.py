@@ -392,13 +392,14 @@ def scaler_stages(scaler: Any) -> dict[int, Any]:
 
 
 def _refuse_unscaled_by_the_closure(setup: StepSetup) -> None:
-    """``scaler.unscale_(optimizer)`` in the closure would unscale twice: say so instead. Optimizers the
-    scaler had unscaled or stepped before this step began (a GAN's other optimizer) are the user's."""
+    """``scaler.unscale_(optimizer)`` in the closure (or before the step) would unscale twice: say so instead.
+    Other optimizers the scaler had unscaled or stepped before this step began (a GAN's) are the user's."""
     ours = {id(view) for view in setup.scaler_views.values()}
     now = scaler_stages(setup.grad_scaler)
     if any(key not in ours and stage is not setup.scaler_before.get(key) for key, stage in now.items()):
         raise RuntimeError("with grad_scaler=, Backforward unscales each pass's gradients itself: do not call "
-                           "scaler.unscale_() or scaler.step() in the closure; clip with max_grad_norm=")
+                           "scaler.unscale_() or scaler.step() on it, in the closure or before the step; clip with "
+                           "max_grad_norm=")
 
 
 def _average(reduce: Callable[[list[torch.Tensor]], None], params: Sequence[nn.Parameter],

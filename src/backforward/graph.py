@@ -287,7 +287,11 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
         plain = detach(model(copy(example)))
         rng_restore(rng)
         buffers.put_back()
-        traced = detach(_run_whole(graph, copy(example)))
+        try:
+            traced = detach(_run_whole(graph, copy(example)))
+        except Exception as e:  # e.g. a branch on an argument's default that tracing took the other way
+            raise Refusal(f"its traced graph fails on the first batch ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no message'}), where forward() does not") from e
     finally:
         rng_restore(rng)
         buffers.put_back()

@@ -36,15 +36,17 @@ class ICSReport:
 def gradient_shift(g: Sequence[torch.Tensor], g_prime: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """[‖G − G'‖₂, cos∠(G, G'), ‖G‖₂] over one stage's parameters, in float64 on their device.
 
-    A missing G' (the pass did not use the parameter) counts as zero; the cosine is 0/0, NaN, when
-    either gradient is zero (no angle).
+    A missing G' (the pass did not use the parameter) counts as zero; the cosine is NaN when either
+    gradient is zero (no angle).
     """
     a = torch.cat([t.detach().reshape(-1).double() for t in g])
     b = torch.cat([(torch.zeros_like(t) if u is None else u).detach().reshape(-1).double()
                    for t, u in zip(g, g_prime, strict=True)])
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    cosine = torch.dot(a, b) / (norm_a * norm_b)
-    return torch.stack([torch.linalg.vector_norm(a - b), cosine, norm_a])
+    # The angle from vectors scaled to a largest entry of 1: tiny gradients' norms would underflow to 0
+    # (a zero vector scales to 0/0 = NaN, as its angle is).
+    unit_a, unit_b = a / a.abs().max(), b / b.abs().max()
+    cosine = torch.dot(unit_a, unit_b) / (torch.linalg.vector_norm(unit_a) * torch.linalg.vector_norm(unit_b))
+    return torch.stack([torch.linalg.vector_norm(a - b), cosine, torch.linalg.vector_norm(a)])
 
 
 def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float,

@@ -120,7 +120,8 @@ class Backforward(torch.optim.Optimizer):
         self._plan: _Plan | None = None
         self._graphs: dict[tuple, ModelGraph | None] = {}  # the model read as a graph, per module structure
         self._engine = "generic"                            # the engine the last step ran
-        self._current_plan()  # parameters outside the model and bad stages raise here, before any step
+        self._check_held(optimizer.param_groups)
+        self._current_plan()  # bad stages raise here, before any step
         self._initialising = True
         super().__init__([p for g in optimizer.param_groups for p in g["params"]], dict(optimizer.defaults))
         self._initialising = False
@@ -177,7 +178,9 @@ class Backforward(torch.optim.Optimizer):
 
     def _held_between_passes(self) -> list[torch.Tensor]:
         """Values the fast engine keeps from one pass for later ones (for memory accounting)."""
-        return [t for engine in self._current_plan().engines.values() for t in engine.kept_tensors()]
+        plan = self._plan
+        assert plan is not None  # found at construction
+        return [t for engine in plan.engines.values() for t in engine.kept_tensors()]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._initialising:  # Optimizer.__init__ adding the base optimizer's groups again
@@ -220,7 +223,7 @@ class Backforward(torch.optim.Optimizer):
             reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
             reduce=self._reducer(), grad_scaler=scaler, scaler_views=plan.scaler_views,
-            scaler_before=scaler_stages(scaler) if scaler is not None else {},
+            scaler_before=self._others_scaled(scaler),
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
             rollback=self.rollback and not capturing, inputs=inputs,
             copy_inputs=plan.inputs_modified is not False and not capturing)
@@ -250,6 +253,14 @@ class Backforward(torch.optim.Optimizer):
 
     def _scaler(self) -> Any:
         return self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+
+    def _others_scaled(self, scaler: Any) -> dict[int, Any]:
+        """What the GradScaler did with other optimizers before this step (a GAN's other one); an unscale of
+        this optimizer or its base, before the step as in the closure, is refused: it would unscale twice."""
+        if scaler is None:
+            return {}
+        ours = (id(self), id(self.base_optimizer))
+        return {key: stage for key, stage in scaler_stages(scaler).items() if key not in ours}
 
     def _fast(self, plan: _Plan, inputs: Any) -> GraphEngine | None:
         """The fast engine for this plan and order, once the forward order is known and the model reads as a graph.
@@ -294,7 +305,7 @@ class Backforward(torch.optim.Optimizer):
         groups = self.base_optimizer.param_groups
         key = tuple(tuple(id(p) for p in g["params"] if p.requires_grad) for g in groups)
         if self._plan is None or self._plan.key != key:
-            self._check_held(groups)  # again: groups added to the base optimizer itself come here first
+            self._check_held(groups, trainable_only=True)  # groups added to the base optimizer itself come here first
             trainable = [p for g in groups for p in g["params"] if p.requires_grad]
             if not trainable:
                 raise ValueError("the optimizer holds no trainable parameters (all are frozen)")
@@ -307,10 +318,10 @@ class Backforward(torch.optim.Optimizer):
                                frozenset(parameter_names(self.model)))
         return self._plan
 
-    def _check_held(self, groups: list[dict[str, Any]]) -> None:
+    def _check_held(self, groups: list[dict[str, Any]], trainable_only: bool = False) -> None:
         names = parameter_names(self.model)
         for i, p in enumerate(p for g in groups for p in g["params"]):
-            if id(p) not in names:
+            if id(p) not in names and (p.requires_grad or not trainable_only):
                 raise ValueError(f"optimizer parameter #{i} (shape {tuple(p.shape)}) is not a parameter of the model")
 
     def _check_replicas(self, plan: _Plan) -> None:
