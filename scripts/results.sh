@@ -13,15 +13,22 @@ cp runs/bench/bench.png docs/results/bench.png
 $backforward bench --distributed > docs/results/bench-distributed.txt
 # The README shows the two bench outputs verbatim, in the first two plain code blocks of its Results section.
 .venv/bin/python - <<'PY'
-import re
 from pathlib import Path
 
 readme = Path("README.md")
-text = readme.read_text()
-start, end = text.index("## Results"), text.index("## Layout")
-section = text[start:end]
-outputs = iter(Path(f"docs/results/{name}").read_text().rstrip() for name in ("bench.txt", "bench-distributed.txt"))
-section = re.sub(r"^```\n.*?\n```$", lambda _: f"```\n{next(outputs)}\n```", section, count=2, flags=re.S | re.M)
-readme.write_text(text[:start] + section + text[end:])
+lines = readme.read_text().split("\n")
+start, end = lines.index("## Results"), lines.index("## Layout")
+outputs = [Path(f"docs/results/{name}").read_text().rstrip().split("\n") for name in ("bench.txt", "bench-distributed.txt")]
+opening, i = [], start  # the lines opening a plain code block (```, not ```bash), in order
+while i < end:
+    if lines[i].startswith("```"):
+        close = lines.index("```", i + 1)
+        if lines[i] == "```":
+            opening.append((i, close))
+        i = close
+    i += 1
+for (first, close), output in reversed(list(zip(opening, outputs))):
+    lines[first + 1:close] = output
+readme.write_text("\n".join(lines))
 PY
 .venv/bin/python -m pytest -q tests/test_docs.py
