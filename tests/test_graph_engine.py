@@ -231,8 +231,9 @@ class Untraceable(nn.Module):
                                           ("random", "random numbers"),
                                           ("isinstance", "does not compute what forward() computes"),
                                           ("control flow", "cannot trace"), ("hook", "hooks"),
-                                          ("default", "its traced graph fails on the first batch (TypeError: unsupported operand type(s) for *: "
-                                                       "'Tensor' and 'NoneType'), where forward() does not")])
+                                          ("default", "its traced graph fails on the first batch (TypeError: "
+                                                      "unsupported operand type(s) for *: 'Tensor' and 'NoneType'), "
+                                                      "where forward() does not")])
 def test_untraceable_models_fall_back_to_the_generic_engine_saying_why_once(kind, reason):
     torch.manual_seed(3)
     model = Untraceable(kind)

@@ -1014,3 +1014,101 @@ def test_without_the_finiteness_check_a_step_still_updates_and_a_non_finite_loss
     assert_same_params(model, ref)
     opt.step(lambda: backward(F.cross_entropy(model(x), y) * math.inf))  # no error: the caller asked for none
     assert math.isinf(opt.last_losses[0])
+
+
+def test_wrong_argument_types_are_refused_in_one_line():
+    model, _, _, _ = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"^model must be an nn.Module, not str$"):
+        Backforward("model", base)
+    with pytest.raises(TypeError, match=r"^optimizer must be a torch.optim.Optimizer, not list$"):
+        Backforward(model, list(model.parameters()))
+
+
+def test_frozen_models_and_frozen_parameters_outside_the_model_at_construction():
+    """A model with nothing to train is refused; a parameter outside the model is refused when the
+    optimizer is wrapped, frozen or not (later, through the base optimizer, only one that requires grad)."""
+    model, _, _, _ = make("mlp3")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^the optimizer holds no trainable parameters \(all are frozen\)$"):
+        Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.requires_grad_(True)
+    foreign = nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match=r"^optimizer parameter #6 \(shape \(2,\)\) is not a parameter of the model$"):
+        Backforward(model, torch.optim.SGD([*model.parameters(), foreign], lr=0.1))
+
+
+def test_freezing_one_layer_while_unfreezing_another_finds_the_stages_again():
+    """The same number of trainable parameters, but other ones: the frozen layer must not move."""
+    model, _, x, y = make("mlp3")
+    model[0].requires_grad_(False)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
+    opt.step_batch(x, y, F.cross_entropy)
+    model[0].requires_grad_(True)
+    model[4].requires_grad_(False)
+    head, first = ([p.detach().clone() for p in model[i].parameters()] for i in (4, 0))
+    opt.step_batch(x, y, F.cross_entropy)
+    assert opt.stage_names == ["0", "2"]
+    assert all(torch.equal(a, b) for a, b in zip(head, model[4].parameters(), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, model[0].parameters(), strict=True))
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_the_ics_meter_with_a_stage_the_first_pass_does_not_use(first):
+    """The unused head's G is zero: norm 0, shift 0 and no angle (NaN), as plain arithmetic gives; also
+    where it is the stage the first pass updates (listed first)."""
+    case = CASES["unused"]()
+    model = case.model
+    x, y = case.batches[0]
+    stages = [model.aux, model.l1, model.l2] if first else None
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), track_ics=True, stages=stages)
+    opt.step_batch(x, y, F.cross_entropy)
+    report = opt.last_report
+    k = report.stage_names.index("aux")
+    assert report.grad_norm[k] == 0.0 and report.grad_shift[k] == 0.0 and math.isnan(report.grad_cosine[k])
+
+
+def test_construction_errors_are_one_line_each():
+    model, _, _, _ = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    cases = [
+        (lambda: Backforward(model, Backforward(model, base)), TypeError,
+         "optimizer is already a Backforward; wrap the base optimizer once"),
+        (lambda: Backforward(model, torch.optim.LBFGS(model.parameters())), TypeError,
+         "LBFGS.step needs a closure and re-evaluates the loss itself; Backforward calls the base step once per "
+         "stage without one"),
+        (lambda: Backforward(model, base, max_grad_norm=0.0), ValueError, "max_grad_norm must be positive, got 0.0"),
+        (lambda: Backforward(model, base, grad_scaler=object()), TypeError,
+         "grad_scaler must be a torch.amp.GradScaler, not object"),
+    ]
+    for make_one, kind, message in cases:
+        with pytest.raises(kind) as caught:
+            make_one()
+        assert str(caught.value) == message
+    with torch.device("meta"):
+        on_meta = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError) as caught:
+        Backforward(on_meta, torch.optim.SGD(on_meta.parameters(), lr=0.1))
+    assert str(caught.value) == ("the model's parameters are on the meta device (no data), e.g. 0.weight; "
+                                 "materialise them first (model.to_empty(device=...) and initialise)")
+
+
+def test_before_any_step_nothing_is_reported():
+    model, _, _, _ = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert opt.last_losses == [] and opt.last_step_skipped is False and opt.last_report is None
+    assert opt._engine == "generic"
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused_saying_where():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def per_sample():
+        loss = F.cross_entropy(model(x), y, reduction="none")
+        loss.sum().backward()
+        return loss
+
+    with pytest.raises(ValueError) as caught:
+        opt.step(per_sample)
+    assert str(caught.value) == f"the loss must be a scalar; got shape ({len(y)},) in pass 1 (stage 1, '0')"
