@@ -172,6 +172,24 @@ def checkpoint_case(reentrant: bool) -> Case:
     return case
 
 
+class ReentrantBlock(nn.Module):
+    """A child of a chain that checkpoints itself reentrantly: its parameters are not in the outer graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=True)
+
+
+def checkpoint_in_chain() -> Case:
+    """The chain engine calls the child whole: every step's backward must still reach its hidden parameters."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), ReentrantBlock(), nn.Linear(6, 3)).double()
+    return Case(model, batches(4, (4,)), lambda m, t: [own(m[0]), own(m[2].inner[0]), own(m[3])],
+                spec=lambda m: [m[0], m[2].inner[0], m[3]])
+
+
 def encoder_layer_stages(layer: nn.TransformerEncoderLayer) -> list[Params]:
     # Post-norm: x = norm1(x + out_proj(attention(in_proj(x)))); x = norm2(x + linear2(linear1(x)))
     return [own(layer.self_attn), own(layer.self_attn.out_proj), own(layer.norm1), own(layer.linear1),
@@ -392,6 +410,7 @@ CASES = {
     "tied_sequential_explicit": tied_sequential_explicit, "tied": tied,
     "tied_explicit": tied_explicit, "unused": unused, "branch": branch,
     "checkpoint_reentrant": lambda: checkpoint_case(True), "checkpoint": lambda: checkpoint_case(False),
+    "checkpoint_in_chain": checkpoint_in_chain,
     "transformer_train": transformer_train, "transformer_eval_masked": transformer_eval_masked,
     "recurrent": recurrent, "recurrent_sequential": recurrent_sequential, "logit_scale": logit_scale,
     "attention": attention, "batchnorm": batchnorm,
@@ -399,7 +418,8 @@ CASES = {
     "dropout": dropout_mlp, "residual": residual, "resnet": resnet, "resnet_finetune": resnet_finetune,
     "digit_transformer": digit_transformer, "lstm_classifier": lstm_classifier,
 }
-UNTRACEABLE = {"branch": "control flow", "checkpoint": "checkpointing", "checkpoint_reentrant": "checkpointing"}
+UNTRACEABLE = {"branch": "control flow", "checkpoint": "checkpointing", "checkpoint_reentrant": "checkpointing",
+               "checkpoint_in_chain": "checkpointing"}
 
 
 def momentum(model: nn.Module) -> torch.optim.Optimizer:

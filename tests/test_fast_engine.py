@@ -3,7 +3,7 @@ model promises."""
 
 import pytest
 import torch
-from conftest import BASES, assert_same_params, clone, linear_stages
+from conftest import BASES, assert_same_params, clone, linear_stages, make
 from torch import nn
 
 from backforward import Backforward, reference_step
@@ -195,3 +195,21 @@ def test_a_value_modified_in_place_is_handed_as_a_copy_to_every_reader_but_its_l
     # Four stages: pass 1 runs every child, pass 2 starts at child 0, passes 3 and 4 at child 1.
     assert counts == [2, 4, 4]
     assert_same_params(model, ref)
+
+
+@pytest.mark.parametrize("name", ["mlp3", "residual"])  # the chain engine and the graph engine
+def test_the_fast_engine_reads_the_autograd_graph_in_its_first_step_only(name, monkeypatch):
+    """Its traced structure fixes what the graph holds: later steps do not walk it again (a cost per step)."""
+    from backforward import engines
+
+    scans = []
+    real = engines.scan_graph
+    monkeypatch.setattr(engines, "scan_graph", lambda roots: scans.append(1) or real(roots))
+    model, _, x, y = make(name)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)  # the generic engine reads the stage order
+    opt.step_batch(x, y, F.cross_entropy)  # the fast engine's first step reads the graph once
+    assert opt._engine in ("chain", "graph") and len(scans) == 2
+    opt.step_batch(x, y, F.cross_entropy)
+    opt.step_batch(x, y, F.cross_entropy)
+    assert len(scans) == 2

@@ -9,6 +9,7 @@ import torch
 from awkward import CASES
 from conftest import assert_same_params, clone, make
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from backforward import Backforward, reference_step
 
@@ -149,6 +150,25 @@ def test_failed_step_leaves_everything_as_it_was(name):
     assert_unchanged(before, model, opt)
 
 
+def test_failed_steps_between_good_ones_each_leave_everything_as_it_was():
+    # The rollback's copies are kept from step to step: a step that failed must not leave the optimizer
+    # holding them as its state (the next step would overwrite them, and a later failure restore garbage).
+    torch.manual_seed(0)
+    model, _, x, y = make("dropout")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for _ in range(2):
+        opt.step_batch(x, y, F.cross_entropy)
+        before = snapshot(model, opt)
+        with pytest.raises(FloatingPointError):
+            opt.step(failing_closures(model, x, y)["non-finite loss"])
+        assert_unchanged(before, model, opt)
+    store = opt._plan.rollback_store
+    kept = {key: t.data_ptr() for key, t in store.items()}
+    opt.step_batch(x, y, F.cross_entropy)
+    assert len(kept) == 2 * 6 and {key: t.data_ptr() for key, t in store.items()} == kept  # copied into, once
+    assert all(opt.state[p]["momentum_buffer"].data_ptr() not in kept.values() for p in model.parameters())
+
+
 def test_failed_first_step_removes_the_optimizer_state_it_created():
     model, _, x, y = make("mlp3")
     opt = Backforward(model, torch.optim.Adam(model.parameters(), lr=0.1))
@@ -267,6 +287,28 @@ def test_group_level_step_counter_advances_once_per_step():
     opt.step_batch(x, y, lambda out, target: 0.5 * ((out - target) ** 2).sum())
     assert_same_params(m, ref)
     assert ref_base.param_groups[0]["step"] == base.param_groups[0]["step"] == 3
+
+
+@pytest.mark.parametrize("where", ["optimizer", "global"])
+def test_a_step_hook_counting_in_the_groups_of_a_torch_optimizer_counts_once_per_step(where):
+    # torch.optim's own step keeps no group-level state; a step hook of its may, and is replayed as any.
+    model, _, x, y = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def count(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            group["count"] = group.get("count", 0) + 1
+
+    handle = (base.register_step_post_hook(count) if where == "optimizer"
+              else register_optimizer_step_post_hook(count))
+    try:
+        opt = Backforward(model, base)
+        opt.step_batch(x, y, F.cross_entropy)
+        opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+    finally:
+        handle.remove()
+    # Once per step from the base's replayed steps; a global hook also runs after the wrapper's own step.
+    assert base.param_groups[0]["count"] == (2 if where == "optimizer" else 4)
 
 
 class TensorCountingSGD(torch.optim.Optimizer):
@@ -1112,3 +1154,17 @@ def test_a_loss_that_is_not_a_scalar_is_refused_saying_where():
     with pytest.raises(ValueError) as caught:
         opt.step(per_sample)
     assert str(caught.value) == f"the loss must be a scalar; got shape ({len(y)},) in pass 1 (stage 1, '0')"
+
+
+def test_finite_losses_whose_sum_overflows_are_finite():
+    """The check adds the pass losses first: a sum that overflows is not a non-finite loss."""
+    model, stages, x, y = make("mlp3")
+    ref, ref_stages = clone(model, stages)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=1e-40))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-40)
+    with torch.no_grad():
+        huge = 3e38 / F.cross_entropy(model(x), y).item()  # each pass loss near 3e38 (float32's largest: 3.4e38)
+    opt.step(lambda: backward(F.cross_entropy(model(x), y) * huge))
+    ref_losses = reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y) * huge))
+    assert torch.isinf(torch.tensor(opt.last_losses).sum()) and opt.last_losses == ref_losses
+    assert_same_params(model, ref)

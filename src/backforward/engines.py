@@ -59,6 +59,9 @@ class StepSetup:
     max_grad_norm: float | None = None
     check_finite: bool = True
     rollback: bool = True
+    rollback_store: dict = field(default_factory=dict)  # the rollback's copies, kept from step to step
+    graph_read: bool = False                # an earlier step read this graph (a fast engine's fixed structure):
+                                            # it hides no parameters and holds no tensor of the user's
 
 
 @dataclass
@@ -67,11 +70,11 @@ class StepResult:
 
     losses: torch.Tensor                     # one per pass, in pass order, detached
     order: list[int]                         # the stage each pass updated
-    used_grads: dict[int, list[torch.Tensor | None]]      # stage -> G'_k (after averaging, unscaling, clipping)
     measured_grads: dict[int, list[torch.Tensor | None]]  # stage -> G'_k before clipping (for the ICS meter)
     group_state_changed: bool = False        # the base step changed group-level entries (schedule-free counters)
     inputs_modified: bool = False            # the model modified step_batch's input in place
     skipped: bool = False                    # AMP: gradients held inf or NaN, so the step was undone
+    graph_plain: bool = False                # the graph hid no parameters and held no tensor of the user's
 
 
 class StageGradients:
@@ -99,6 +102,7 @@ class StageGradients:
         self.calls = 0
         self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
         self.user_leaves = False    # the closure backpropagates to tensors of its own: scan every call
+        self.graph_read = setup.graph_read  # nothing to scan for: the order is known and the graph plain
         self.placeholders: set[int] = set()
         self.stage_params = [list(s.params) for s in setup.stages]
 
@@ -204,7 +208,7 @@ class StageGradients:
         """Scan the graph where needed: the stage order (first call of the step) and tensors of the user's."""
         first = self.j == 0 and self.calls == 0
         self.calls += 1
-        if not (first or self.user_leaves):
+        if not (first or self.user_leaves) or (self.graph_read and self.order is not None):
             return []
         scan = scan_graph(roots)
         if first:
@@ -281,7 +285,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     gradients = StageGradients(setup)
     inputs = InputValues(setup.inputs, setup.copy_inputs) if setup.inputs else None
     replay = Replay(setup.buffers, inputs)
-    undo = Rollback(setup.optimizer.state if setup.optimizer is not None else None)
+    undo = Rollback(setup.optimizer.state if setup.optimizer is not None else None, setup.rollback_store)
     groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
     used: dict[int, list[torch.Tensor | None]] = {}
     measured: dict[int, list[torch.Tensor | None]] = {}
@@ -340,8 +344,8 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             p.grad = g
     assert gradients.order is not None
     changed = groups is not None and any(groups.changed)
-    return StepResult(values, list(gradients.order), used, measured, changed,
-                      inputs is not None and inputs.modified, skipped)
+    return StepResult(values, list(gradients.order), measured, changed, inputs is not None and inputs.modified,
+                      skipped, graph_plain=not (gradients.whole or gradients.user_leaves))
 
 
 def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, meter: bool,
@@ -424,16 +428,14 @@ def _check_finite(setup: StepSetup, gradients: StageGradients, losses: torch.Ten
 
     Returns whether an AMP step must be skipped; raises for a non-finite loss without one.
     """
-    scaler = setup.grad_scaler
-    if not setup.check_finite and scaler is None:
+    if setup.grad_scaler is not None:
+        finite = torch.isfinite(losses).all()
+        if finite_grads:
+            finite = finite & torch.stack(finite_grads).all()
+        return not bool(finite)  # skipped, as GradScaler.step skips it; scaler.update() then lowers the scale
+    # A sum is finite only where every term is (a finite sum that overflows is looked at term by term).
+    if not setup.check_finite or math.isfinite(losses.sum().item()) or torch.isfinite(losses).all().item():
         return False
-    finite = torch.isfinite(losses).all()
-    if finite_grads:
-        finite = finite & torch.stack(finite_grads).all()
-    if bool(finite):
-        return False
-    if scaler is not None:
-        return True  # as GradScaler.step skips it; scaler.update() then lowers the scale
     bad = next(j for j, v in enumerate(losses.tolist()) if not math.isfinite(v))
     gradients.j = bad
     undone = "; the step was undone" if setup.rollback else "; the stages before it were already updated"

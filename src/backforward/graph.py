@@ -339,6 +339,10 @@ class GraphEngine:
         self._cache: dict[int, tuple[Any, tuple[int, ...]]] = {}
         self._rng: dict[int, RngState] = {}
         self._batch: set[int] = set()  # storage of the step's inputs
+        # Whether a step found the autograd graph plain (no parameters hidden by a reentrant checkpoint, no
+        # tensors of the forward's own that require grad): the traced structure fixes that, so later steps
+        # need not read the graph again.
+        self.graph_plain = False
 
     @property
     def kind(self) -> str:
@@ -504,6 +508,9 @@ def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ..
 def _keep(value: Any, *, copy: bool) -> tuple[Any, tuple[int, ...]]:
     """Detached (copied, for a value a module modifies in place), with its ``requires_grad`` flag (modules
     choose kernels by it), and its version counters."""
+    if isinstance(value, torch.Tensor):  # the common case, without pytree's walk
+        kept = _detach(value, copy)
+        return kept, (kept._version,)
     kept = _map_tensors(functools.partial(_detach, copy=copy), value)
     return kept, _versions(kept)
 
@@ -522,7 +529,11 @@ def _versions(value: Any) -> tuple[int, ...]:
 def _feed(kept: Any, *, copy: bool) -> Any:
     if copy:
         kept = _map_tensors(functools.partial(_detach, copy=True), kept)
-    return _map_tensors(lambda t: _Alias.apply(t) if t.requires_grad else t, kept)
+    return _map_tensors(_non_leaf, kept)
+
+
+def _non_leaf(t: torch.Tensor) -> torch.Tensor:
+    return _Alias.apply(t) if t.requires_grad else t
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:

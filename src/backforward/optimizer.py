@@ -63,8 +63,8 @@ class Backforward(torch.optim.Optimizer):
             ``grad_scaler.update()`` after each step.
         check_finite: raise ``FloatingPointError`` (the step undone) if a pass loss is not
             finite; costs one host-device synchronisation per step.
-        rollback: keep a copy of each stage's parameters and optimizer state from before its
-            update until the step ends, so a step that fails is undone.
+        rollback: copy each stage's parameters and optimizer state before its update, so a
+            step that fails is undone (the copies, one of each, are kept from step to step).
         process_group: average each stage's gradients over this ``torch.distributed``
             group after each pass (default: the world group when initialised).
         check_replicas: after each step, compare parameter checksums across processes and
@@ -202,13 +202,15 @@ class Backforward(torch.optim.Optimizer):
         self._engine = fast.kind if fast is not None else "generic"
         tensors = _tensors(inputs)
         result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
-                           inputs=tensors)
+                           inputs=tensors, graph_read=fast is not None and fast.graph_plain)
+        if fast is not None:
+            fast.graph_plain = result.graph_plain
         if tensors and not capturing:
             plan.inputs_modified = result.inputs_modified or (plan.inputs_modified is True)
         return result
 
     def _run(self, plan: _Plan, run_pass: RunPass, follow_graph: bool, *, keep: bool = True,
-             capturing: bool = False, inputs: Sequence[torch.Tensor] = ()) -> StepResult:
+             capturing: bool = False, inputs: Sequence[torch.Tensor] = (), graph_read: bool = False) -> StepResult:
         """One step (``keep=False``: undone afterwards); ``capturing``: inside a CUDA graph capture, nothing may
         read the host, so no rollback copy, finiteness check or group-level state replay (``cuda_graphs``)."""
         _check_order(self.order)
@@ -226,7 +228,8 @@ class Backforward(torch.optim.Optimizer):
             scaler_before=self._others_scaled(scaler),
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
             rollback=self.rollback and not capturing, inputs=inputs,
-            copy_inputs=plan.inputs_modified is not False and not capturing)
+            copy_inputs=plan.inputs_modified is not False and not capturing, graph_read=graph_read,
+            rollback_store=plan.rollback_store)
         try:
             result = backforward_step(setup, run_pass, keep=keep)
         except InputModified:
@@ -380,6 +383,7 @@ class _Plan:
     inputs_modified: bool | None = None     # whether the model modifies step_batch's input (None: not known yet)
     engines: dict[tuple, GraphEngine] = field(default_factory=dict)
     order_read_with: ModelGraph | None = None  # the graph of the step that last read or used the stage order
+    rollback_store: dict = field(default_factory=dict)  # where each step's rollback copies what it moves
 
 
 def _ics_report(setup: StepSetup, result: StepResult, in_forward: Sequence[int]) -> ICSReport:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 RngState = tuple[torch.Tensor, list[torch.Tensor] | None]
 
@@ -56,6 +57,8 @@ class BufferValues:
         self.values = [t.detach().clone() for t in self.tensors]
 
     def put_back(self) -> None:
+        if not self.slots:
+            return
         with torch.no_grad():
             for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
                 module._buffers[name] = tensor
@@ -126,7 +129,16 @@ class Replay:
 
 
 def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
-    return {key: _copy(value) for key, value in group.items() if key != "params"}
+    # Immutable values (lr, flags: nearly every entry) are their own copies, and are kept without a call.
+    return {key: value if type(value) in _IMMUTABLE else _copy(value) for key, value in group.items()
+            if key != "params"}
+
+
+def _changed_keys(before: dict[str, Any], group: dict[str, Any]) -> list[str]:
+    """The entries of ``group`` (other than params) that differ from ``before``, or that it added or removed."""
+    return [key for key, value in group.items() if key != "params" and (
+        key not in before or (before[key] is not value and not _same(before[key], value)))
+            ] + [key for key in before if key not in group]
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), complex)
@@ -161,27 +173,31 @@ class GroupStateReplay:
     base step per Backforward step. An entry that a later pass would set to another value
     depends on the gradients the base step saw; such an optimizer cannot be split by
     stage, and the step raises. Entries the closure or a hook sets are the user's, left alone.
+    torch.optim's own optimizers keep no group-level state: without step hooks, nothing to replay.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self.start = [_group_entries(g) for g in optimizer.param_groups]  # for a rollback
+        self.static = _keeps_no_group_state(optimizer)
         self.before: list[dict[str, Any]] = []
         self.changed: list[list[str]] = []
         self.after: list[dict[str, Any]] = []
 
     def before_update(self, j: int) -> None:
+        if self.static:
+            return
         if j == 0:
             self.before = [_group_entries(g) for g in self.optimizer.param_groups]
         else:
             self._put(self.before, self.changed)
 
     def after_update(self, j: int) -> None:
+        if self.static:
+            return
         groups = self.optimizer.param_groups
         if j == 0:
-            self.changed = [[key for key in {*g, *before} if key != "params" and not _same(before.get(key, _MISSING),
-                                                                                           g.get(key, _MISSING))]
-                            for g, before in zip(groups, self.before, strict=True)]
+            self.changed = [_changed_keys(before, g) for g, before in zip(groups, self.before, strict=True)]
             self.after = [{key: _copy(g[key]) for key in keys if key in g}
                           for g, keys in zip(groups, self.changed, strict=True)]
             return
@@ -210,25 +226,34 @@ class GroupStateReplay:
 _MISSING = object()
 
 
+def _keeps_no_group_state(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.optim's own step writes per-parameter state alone; a subclass of another module, or a step hook,
+    may write group entries."""
+    hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+             torch_optimizer._global_optimizer_pre_hooks, torch_optimizer._global_optimizer_post_hooks)
+    return type(optimizer).__module__.startswith("torch.optim.") and not any(hooks)
+
+
 class Rollback:
     """Copies of what a step moves, each taken just before it moves, to undo a step that fails.
 
-    Memory: one more copy of each updated stage's parameters and base-optimizer state,
-    held until the step ends.
+    Memory: one copy of each updated stage's parameters and base-optimizer state, written into
+    ``store`` and kept there from step to step (copying into the same tensors each step costs no
+    allocation; a fresh copy of a large tensor each step costs page faults on a CPU).
     """
 
-    def __init__(self, state: dict | None):
+    def __init__(self, state: dict | None, store: dict[tuple[int, str | None], torch.Tensor]):
         self.state = state
+        self.store = store
         self.params: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: list[tuple[torch.Tensor, dict | None]] = []
 
     def save(self, params: Sequence[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p in params:
-                self.params.append((p, p.detach().clone()))
-                if self.state is not None:
-                    saved = self.state.get(p)
-                    self.states.append((p, saved and {k: _copy(v) for k, v in saved.items()}))
+        for p in params:
+            self.params.append((p, self._kept(p, None, p)))
+            if self.state is not None:
+                saved = self.state.get(p)
+                self.states.append((p, saved and {k: self._kept(p, k, v) for k, v in saved.items()}))
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -238,5 +263,14 @@ class Rollback:
             for p, saved in reversed(self.states):
                 if saved is None:
                     self.state.pop(p, None)
-                else:
-                    self.state[p] = saved  # an empty dict stays empty
+                else:  # copies again: the store's tensors are overwritten by the next step
+                    self.state[p] = {k: _copy(v) for k, v in saved.items()}  # an empty dict stays empty
+
+    def _kept(self, p: torch.Tensor, key: str | None, value: Any) -> Any:
+        """``value`` (parameter ``p`` itself, or its optimizer state ``key``), copied into the store."""
+        if not isinstance(value, torch.Tensor):
+            return _copy(value)
+        slot = self.store.get((id(p), key))
+        if slot is None or (slot.shape, slot.dtype, slot.device) != (value.shape, value.dtype, value.device):
+            slot = self.store[(id(p), key)] = torch.empty_like(value)
+        return slot.copy_(value.detach())  # detached: no graph is recorded, no_grad() not needed

@@ -343,7 +343,7 @@ def notes(records: Sequence[Record]) -> list[str]:
         on = next(r for r in rows if r.method == "fast" and r.granularity == "module" and r.rollback)
         off = next(r for r in rows if r.method == "fast" and not r.rollback)
         lines.append(f"{model}: rollback costs {on.ms_per_step / off.ms_per_step:.2f}x the step time of fast without "
-                     f"it and holds {on.rollback_bytes:,} bytes (parameters and optimizer state) until the step ends")
+                     f"it and keeps {on.rollback_bytes:,} bytes (a copy of the parameters and optimizer state)")
         coarse = [r for r in rows if r.method == "fast" and r.rollback]
         if len(coarse) > 1:
             costs = ", ".join(f"{r.granularity} ({r.stages} stages) {r.ratio_to_sgd:.2f}x" for r in coarse)
