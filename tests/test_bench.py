@@ -141,10 +141,9 @@ def test_bench_records_and_the_memory_bound():
     assert all(r.stages == 3 and r.predicted_ratio > 0 for r in records)
 
 
-def test_graph_engine_keeps_no_more_than_sgd_saves_but_the_transformer_embedding():
-    """Peak bytes saved for backward plus values kept between passes, on small versions of the bench models.
-    The Transformer's exception: the pass after its position embedding moved reads the token embedding
-    (batch x 28 x width floats), which no backward saves, from the pass before."""
+def test_graph_engine_keeps_no_more_than_sgd_saves():
+    """Peak bytes saved for backward plus values kept between passes, on small versions of the bench models: a
+    value no backward saves (the Transformer's normalised tokens, read by attention) is recomputed, not kept."""
     torch.manual_seed(0)
     entries = [tiny("resnet", lambda: ResNet(widths=(2, 3)), granularities=("module", "depth:2")),
                tiny("lstm", lambda: LSTMClassifier(hidden=4)),
@@ -155,8 +154,7 @@ def test_graph_engine_keeps_no_more_than_sgd_saves_but_the_transformer_embedding
         for r in records:
             if r.method == "fast":
                 assert r.engine == "graph"
-                extra = 4 * 28 * 8 * 4 if entry.name == "transformer" else 0
-                assert r.saved_bytes == sgd.saved_bytes + extra, (entry.name, r)
+                assert r.saved_bytes == sgd.saved_bytes, (entry.name, r)
 
 
 def record(model, depth, method, ms, predicted, saved=100, engine="chain", stages=3):

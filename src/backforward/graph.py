@@ -73,6 +73,7 @@ class ModelGraph:
     ops: list[Op]
     kind: str                       # "chain" (an nn.Sequential's children) or "graph" (traced by fx)
     volatile: set[int] = field(default_factory=set)  # ops whose value a module modifies in place: never kept
+    saved: frozenset[int] | None = None  # ops whose value autograd saves anyway (or the batch's); None: unknown
 
 
 class Refusal(Exception):
@@ -89,9 +90,9 @@ def model_graph(model: nn.Module, example: Any) -> ModelGraph:
         raise Refusal("the model has forward hooks, which a graph of its calls would not fire")
     if global_hooks():
         raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
-    if plain_sequential(model):
-        return chain_graph(model)
-    return traced_graph(model, example)
+    graph = chain_graph(model) if plain_sequential(model) else traced_graph(model, example)
+    graph.saved = saved_values(model, graph, example)
+    return graph
 
 
 def chain_graph(model: nn.Sequential) -> ModelGraph:
@@ -305,6 +306,33 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
                       "(a Python branch that tracing fixed)")
 
 
+def saved_values(model: nn.Module, graph: ModelGraph, example: Any) -> frozenset[int]:
+    """The ops whose value a forward with grad saves for its backward (by storage), or that view the batch:
+    keeping one of them for a later pass holds no memory a plain step does not."""
+    saved: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    env: Env = [None] * len(graph.ops)
+    env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for i, op in enumerate(graph.ops[1:], start=1):
+                env[i] = op.evaluate(env)
+    finally:
+        rng_restore(rng)
+        buffers.put_back()
+    saved |= _storages(env[0])
+    return frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
+
+
+def _storages(value: Any) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
+
+
 def _run_whole(graph: ModelGraph, inputs: Any) -> Any:
     env: Env = [None] * len(graph.ops)
     env[0] = inputs
@@ -420,7 +448,9 @@ def dependencies(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[i
 
 def recompute_sets(graph: ModelGraph, stages: Sequence[Stage], order: Sequence[int]) -> list[frozenset[int]]:
     """Per pass, the ops it evaluates: all in the first; later, those depending on the stage that moved last or
-    on the stage it updates, with every op touching a buffer they touch."""
+    on the stage it updates, with every op touching a buffer they touch, and the ops making any value they read
+    that autograd does not save anyway (kept from an earlier pass, it would hold memory a plain step does not:
+    recomputed instead, from values that are saved)."""
     ops = graph.ops
     depends = dependencies(graph, stages)
     touching: dict[int, set[int]] = {}
@@ -440,6 +470,8 @@ def recompute_sets(graph: ModelGraph, stages: Sequence[Stage], order: Sequence[i
                 continue
             chosen.add(i)
             todo += [t for b in ops[i].buffers for t in touching.get(b, ())]
+            if graph.saved is not None:
+                todo += [r for r in ops[i].reads if r not in graph.saved and not ops[r].free]
         last = len(ops) - 1
         sets.append(frozenset(chosen) if last in chosen else every)  # else: no op carries stage k's gradient
     return sets
