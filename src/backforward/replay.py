@@ -136,9 +136,9 @@ def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
 
 def _changed_keys(before: dict[str, Any], group: dict[str, Any]) -> list[str]:
     """The entries of ``group`` (other than params) that differ from ``before``, or that it added or removed."""
-    return [key for key, value in group.items() if key != "params" and (
-        key not in before or (before[key] is not value and not _same(before[key], value)))
-            ] + [key for key in before if key not in group]
+    differ = [key for key, value in group.items() if key != "params"
+              and (key not in before or (before[key] is not value and not _same(before[key], value)))]
+    return differ + [key for key in before if key not in group]
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), complex)
