@@ -281,3 +281,32 @@ def test_one_process_is_no_group(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
     assert distributed.grad_averager() is None
     distributed.check_replicas([nn.Parameter(torch.ones(2))])  # nothing to compare with: no all-reduce
+
+
+def test_averaging_leaves_the_loss_tensors_the_closure_returned_alone(monkeypatch):
+    """A stand-in for a second process whose gradients and losses are zero: averaging halves them. The step
+    reports the averaged losses; the tensors the closure returned (and may hold) keep this process's values."""
+    import backforward.optimizer as optimizer_module
+
+    def halve(tensors):
+        for t in tensors[:-1]:  # the last tensor says which parameters had a gradient: a sum, kept
+            t.mul_(0.5)
+
+    monkeypatch.setattr(optimizer_module.distributed, "grad_averager", lambda group: halve)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    plain = float(F.cross_entropy(model(x), y).detach())
+    returned = []
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        returned.append(loss)
+        return loss
+
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    first = opt.step(closure)
+    assert float(first) == pytest.approx(0.5 * plain, rel=1e-12)
+    assert float(returned[0].detach()) == pytest.approx(plain, rel=1e-12)
+    assert opt.last_losses == pytest.approx([0.5 * float(t.detach()) for t in returned], rel=1e-12)

@@ -288,3 +288,62 @@ def test_the_cosine_of_tiny_float64_gradients_is_their_angle_and_nan_without_one
         assert cosine == pytest.approx(-1.0)
     _, cosine, norm = gradient_shift(g, [None, torch.zeros(1, 1, dtype=torch.float64)]).tolist()
     assert math.isnan(cosine) and norm == pytest.approx(math.sqrt(26))
+
+
+# ---- found by the second mutation run ----
+
+class SpareFirst(nn.Module):
+    """Owns a parameter the training forward does not use (registered first) and one it uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Parameter(torch.ones(6))
+        self.weight = nn.Parameter(torch.randn(6, 6) * 0.4)
+
+    def forward(self, h):
+        return h @ self.weight if self.training else h @ self.weight * self.spare
+
+
+def _two_losses(m, x, y):
+    out = m(x)
+    l1, l2 = F.cross_entropy(out, y), 0.1 * out.pow(2).mean()
+    l1.backward(retain_graph=True)  # two backward calls in one pass: the gradients add up
+    l2.backward()
+    return l1 + l2
+
+
+def _own_inputs(m, x, y):
+    loss = F.cross_entropy(m(x), y)
+    loss.backward(inputs=list(m.parameters()))  # every pass's backward computes every gradient
+    return loss
+
+
+@pytest.mark.parametrize("closure", [_two_losses, _own_inputs], ids=["two backward calls", "own inputs"])
+def test_the_meter_takes_g_from_every_backward_of_the_first_pass_and_from_it_alone(closure):
+    """G_k is the whole first pass's gradient (the sum of its backward calls), never what later passes'
+    wider backwards compute; G'_k is what the reference updates each stage with. A stage whose first
+    parameter the forward leaves unused still hands its other gradients over."""
+    from backforward import reference_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), SpareFirst(), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    plain, ref = copy.deepcopy(model), copy.deepcopy(model)
+    closure(plain, x, y)
+    stages = [list(ref[i].parameters()) for i in (0, 2, 4)]
+    reference_step(ref, torch.optim.SGD(ref.parameters(), lr=0.5), stages, lambda: closure(ref, x, y))
+
+    def flat(module):
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                          for p in module.parameters()])
+
+    G, G_prime = [flat(plain[i]) for i in (0, 2, 4)], [flat(ref[i]) for i in (0, 2, 4)]
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5), track_ics=True)
+    bf.step(lambda: closure(model, x, y))
+    report = bf.last_report
+    assert report.stage_names == ["0", "2", "4"]
+    assert report.grad_norm == pytest.approx([float(g.norm()) for g in G], rel=1e-12)
+    assert report.grad_shift == pytest.approx([float((g - h).norm()) for g, h in zip(G, G_prime, strict=True)],
+                                              rel=1e-9, abs=1e-15)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)

@@ -340,8 +340,9 @@ def test_error_optimizer_parameters_outside_the_model():
 def test_error_parameter_in_two_stages_or_in_none():
     model, _, _, _ = make("mlp3")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"parameter 0.weight is claimed by two stages"):
+    with pytest.raises(ValueError) as caught:
         Backforward(model, opt, stages=[model[0], [model[0].weight], model[2], model[4]])
+    assert str(caught.value) == "parameter 0.weight is claimed by two stages: '0' and '0.weight'"  # both named
     with pytest.raises(ValueError, match=r"parameter 4.bias is in no stage"):
         Backforward(model, opt, stages=[model[0], model[2], [model[4].weight]])
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))

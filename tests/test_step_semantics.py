@@ -532,9 +532,11 @@ def test_default_stages_with_a_reentrant_checkpoint_are_refused_before_anything_
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
     before = snapshot(model, opt)
     x, y = case.batches[0]
-    with pytest.raises(ValueError, match="reentrant checkpoint .* pass stages=") as info:
+    with pytest.raises(ValueError) as info:
         opt.step_batch(x, y, case.loss_fn)
-    assert "\n" not in str(info.value)
+    assert str(info.value) == ("a reentrant checkpoint (torch.utils.checkpoint with use_reentrant=True) hides its "
+                               "parameters from the autograd graph, so their data-flow order cannot be read: pass "
+                               "stages=[...] in forward order, or use use_reentrant=False")
     assert_unchanged(before, model, opt)
 
 
@@ -842,6 +844,7 @@ def test_a_step_failing_after_the_closure_added_a_parameter_group_still_puts_eve
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
     assert base.param_groups[0]["step"] == 1
+    assert base.param_groups[1]["step"] == 0  # the added group: no base step ran over it
 
 
 @pytest.mark.parametrize("base, changes", [(CountingSGD, True), (torch.optim.SGD, False)])
@@ -1168,3 +1171,358 @@ def test_finite_losses_whose_sum_overflows_are_finite():
     ref_losses = reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y) * huge))
     assert torch.isinf(torch.tensor(opt.last_losses).sum()) and opt.last_losses == ref_losses
     assert_same_params(model, ref)
+
+
+
+# ---- found by the second mutation run: refusals in full, closures' backward() arguments, AMP ----
+
+def test_a_detached_loss_after_gradients_set_by_hand_in_the_first_step_is_refused_in_full():
+    """No backward() call, so the stage order must come from the returned loss: detached, it cannot."""
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters())), strict=True):
+            p.grad = g
+        return loss.detach()
+
+    with pytest.raises(RuntimeError) as caught:
+        opt.step(closure)
+    assert str(caught.value) == ("the stage order is read from the loss's graph: return the loss undetached or "
+                                 "pass stages=[...] in forward order")
+    assert_unchanged(before, model, opt)
+
+
+def test_a_loss_computed_under_no_grad_is_refused_in_full():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+
+    def under_no_grad():
+        with torch.no_grad():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError) as caught:
+        opt.step(under_no_grad)
+    assert str(caught.value) == ("the loss does not require grad in pass 1: it was computed under torch.no_grad(), "
+                                 "detached, or from no trainable parameter")
+    assert_unchanged(before, model, opt)
+
+
+def test_without_rollback_an_amp_step_that_overflows_is_still_undone():
+    """rollback=False drops the copies a failed step needs, not those an AMP skip needs: GradScaler.step
+    skips a step whose gradients hold inf, and so must Backforward (stage 1 already moved in pass 1)."""
+    model, _, x, y = make("mlp3")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9), grad_scaler=scaler,
+                      rollback=False)
+    opt.step(amp_closure(model, x, y, scaler))  # momentum buffers exist
+    scaler.update()
+    before = snapshot(model, opt)
+    calls = []
+
+    def overflowing():
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (math.inf if len(calls) == 2 else 1.0)).backward()
+        return loss
+
+    opt.step(overflowing)
+    assert opt.last_step_skipped
+    state, opt_state, _, _ = before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for i, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(opt.state_dict()["state"][i][key], value), (i, key)
+
+
+def test_hand_set_gradients_accumulated_in_the_closure_start_from_none_in_every_pass():
+    """A closure that accumulates hand-set gradients (p.grad = p.grad + g) must find none left by another
+    pass: every pass starts as the reference's does, with no gradient anywhere."""
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            loss = F.cross_entropy(m(x), y)
+            for p, g in zip(m.parameters(), torch.autograd.grad(loss, list(m.parameters())), strict=True):
+                p.grad = g if p.grad is None else p.grad + g
+            return loss
+        return closure
+
+    against_reference(model, closure_for, steps=2)
+
+
+def test_a_closure_passing_gradient_weights_to_backward():
+    """loss_per_sample.backward(weights): the gradient argument reaches autograd (a weighted sum)."""
+    model, x, y = small_mlp()
+    weights = torch.linspace(0.5, 1.5, len(y), dtype=torch.float64)
+
+    def closure_for(m, opt):
+        def closure():
+            per_sample = F.cross_entropy(m(x), y, reduction="none")
+            per_sample.backward(weights)
+            return (per_sample.detach() * weights).sum()
+        return closure
+
+    against_reference(model, closure_for)
+
+
+def test_a_closure_with_two_losses_sharing_a_graph_retains_it():
+    """Multi-task: l1.backward(retain_graph=True) then l2.backward() through the same trunk."""
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            out = m(x)
+            l1, l2 = F.cross_entropy(out, y), out.pow(2).mean()
+            l1.backward(retain_graph=True)
+            l2.backward()
+            return l1 + l2
+        return closure
+
+    against_reference(model, closure_for)
+
+
+def test_a_closure_calling_autograd_backward_on_a_list_of_losses():
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            out = m(x)
+            l1, l2 = F.cross_entropy(out, y), out.pow(2).mean()
+            torch.autograd.backward([l1, l2])
+            return l1 + l2
+        return closure
+
+    against_reference(model, closure_for)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_a_closure_using_the_graph_of_its_gradients():
+    """backward(create_graph=True), then a curvature term from each gradient's own graph added to it."""
+    model, x, y = small_mlp()
+
+    def closure_for(m, opt):
+        def closure():
+            loss = F.cross_entropy(m(x), y)
+            loss.backward(create_graph=True)
+            for p in m.parameters():
+                if p.grad is not None:
+                    curvature, = torch.autograd.grad(p.grad.pow(2).sum(), p, retain_graph=True)
+                    p.grad = (p.grad + 0.1 * curvature).detach()
+            return loss
+        return closure
+
+    against_reference(model, closure_for)
+
+
+def test_a_closure_naming_only_the_weights_as_backward_inputs_leaves_the_biases_alone():
+    """backward(inputs=[weights]): the biases get no gradient, as in the reference, so they never move."""
+    model, x, y = small_mlp()
+    biases = [m.bias.detach().clone() for m in model if isinstance(m, nn.Linear)]
+
+    def closure_for(m, opt):
+        def closure():
+            loss = F.cross_entropy(m(x), y)
+            loss.backward(inputs=[layer.weight for layer in m if isinstance(layer, nn.Linear)])
+            return loss
+        return closure
+
+    against_reference(model, closure_for)
+    assert all(torch.equal(m.bias, b) for m, b in zip([m for m in model if isinstance(m, nn.Linear)], biases,
+                                                       strict=True))
+
+
+class FirstCallSGD(torch.optim.Optimizer):
+    """Changes its group entries on its first call in ten ways that leave them equal or undetectable to a
+    careless comparison, and takes a step of lr * (1 + the number of those first-call marks it still sees):
+    a number turned into a tensor of the same value, a list into an equal tuple, list and dict elements
+    consumed to None or filled from None, an entry added with the value None, one removed while None, a dict
+    created where there was None, and keys added to an empty dict (``removes=False``: nine, none removed)."""
+
+    def __init__(self, params, lr, removes=True):
+        super().__init__(params, {"lr": lr})
+        self.removes = removes
+        for g in self.param_groups:
+            g.update(scale=1.0, betas=[0.9, 0.99], pending=[0.5], filled=[None], pending_d={"f": 0.5},
+                     filled_d={"f": None}, lazy=None, counts={})
+            if removes:
+                g["closing"] = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            marks = [not isinstance(g["scale"], torch.Tensor), isinstance(g["betas"], list),
+                     g["pending"][0] is not None, g["filled"][0] is None, g["pending_d"]["f"] is not None,
+                     g["filled_d"]["f"] is None, "opened" not in g, g["lazy"] is None, "n" not in g["counts"]]
+            if self.removes:
+                marks.append("closing" in g)
+            g["scale"] = torch.tensor(float(g["scale"]))
+            g["betas"] = tuple(g["betas"])
+            g["pending"][0] = None
+            g["filled"][0] = 1.0
+            g["pending_d"]["f"] = None
+            g["filled_d"]["f"] = 1.0
+            g["opened"] = None
+            g.pop("closing", None)
+            g["lazy"] = g["lazy"] or {"n": 1}
+            g["counts"].setdefault("n", 1)
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad, alpha=g["lr"] * (1 + sum(marks)))
+
+
+def two_scalar_layers_by_hand(w1, w2, lr):
+    """One Backforward step on out = w2 * w1 * 1, loss (out - 2)^2 / 2, worked out by hand."""
+    w1 = w1 - lr * (w1 * w2 - 2) * w2         # pass 1: dL/dw1 = r * w2
+    w2 = w2 - lr * (w1 * w2 - 2) * w1         # pass 2, after w1 moved: dL/dw2 = r' * w1'
+    return w1, w2
+
+
+@pytest.mark.parametrize("entry", ["reference", "step", "step_batch"])
+def test_every_pass_sees_group_entries_as_before_the_first_base_step_however_they_changed(entry):
+    """The first step's passes all see every first-call mark (a step of 11 lr; 10 lr for the reference, which
+    does not put back removed entries, see below), the second none."""
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.fill_(1.0)
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 2.0, dtype=torch.float64)
+    lr = 0.01
+    base = FirstCallSGD(m.parameters(), lr=lr, removes=entry != "reference")
+    marks = 10 if base.removes else 9
+    opt = Backforward(m, base)
+
+    def loss_fn(out, target):
+        return 0.5 * ((out - target) ** 2).sum()
+
+    w = (1.0, 1.0)
+    for t in range(2):
+        if entry == "reference":
+            reference_step(m, base, [[m[0].weight], [m[1].weight]], lambda: backward(loss_fn(m(x), y)))
+        elif entry == "step":
+            opt.step(lambda: backward(loss_fn(m(x), y)))
+        else:
+            opt.step_batch(x, y, loss_fn)
+        w = two_scalar_layers_by_hand(*w, lr * (1 + marks if t == 0 else 1))
+        assert (m[0].weight.item(), m[1].weight.item()) == pytest.approx(w, rel=1e-12), t
+        g = base.param_groups[0]
+        assert torch.equal(g["scale"], torch.tensor(1.0)) and g["betas"] == (0.9, 0.99)
+        assert g["pending"] == [None] and g["filled"] == [1.0] and g["pending_d"] == {"f": None}
+        assert g["filled_d"] == {"f": 1.0} and "opened" in g and g["opened"] is None and "closing" not in g
+        assert g["lazy"] == {"n": 1} and g["counts"] == {"n": 1}
+
+
+@pytest.mark.xfail(strict=True, reason="reference_step records only the entries the first base step leaves in "
+                                       "the group, so one it removes is not put back before later passes")
+def test_the_reference_puts_back_a_group_entry_the_first_base_step_removed():
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.fill_(1.0)
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 2.0, dtype=torch.float64)
+    base = FirstCallSGD(m.parameters(), lr=0.01)
+    reference_step(m, base, [[m[0].weight], [m[1].weight]], lambda: backward(0.5 * ((m(x) - y) ** 2).sum()))
+    assert (m[0].weight.item(), m[1].weight.item()) == pytest.approx(two_scalar_layers_by_hand(1.0, 1.0, 0.11))
+
+
+def scalar_chain_by_hand(ws, lr):
+    """One Backforward step on out = w_n * ... * w_1 * 1, loss (out - 2)^2 / 2: dL/dw_k = r * out / w_k."""
+    ws = list(ws)
+    for k in range(len(ws)):
+        out = math.prod(ws)
+        ws[k] -= lr * (out - 2) * out / ws[k]
+    return ws
+
+
+@pytest.mark.parametrize("entry", ["reference", "step", "step_batch"])
+def test_group_state_in_mutable_objects_is_set_back_before_every_later_pass_of_three(entry):
+    """Three stages: the tensors inside group entries that the base step changes in place must be set back
+    from an intact copy before pass 2 and again before pass 3 (lr 0.2 / step in every pass of step t)."""
+    m = nn.Sequential(*(nn.Linear(1, 1, bias=False) for _ in range(3))).double()
+    with torch.no_grad():
+        for layer in m:
+            layer.weight.fill_(1.0)
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 2.0, dtype=torch.float64)
+    base = TensorCountingSGD(m.parameters(), lr=0.2)
+    opt = Backforward(m, base)
+
+    def loss_fn(out, target):
+        return 0.5 * ((out - target) ** 2).sum()
+
+    ws = [1.0, 1.0, 1.0]
+    for t in range(1, 4):
+        if entry == "reference":
+            reference_step(m, base, [[layer.weight] for layer in m], lambda: backward(loss_fn(m(x), y)))
+        elif entry == "step":
+            opt.step(lambda: backward(loss_fn(m(x), y)))
+        else:
+            opt.step_batch(x, y, loss_fn)
+        ws = scalar_chain_by_hand(ws, 0.2 / t)
+        assert [layer.weight.item() for layer in m] == pytest.approx(ws, rel=1e-12), t
+        group = base.param_groups[0]
+        assert torch.equal(group["step"], torch.tensor(float(t)))
+        assert torch.equal(group["buffers"][0], torch.tensor([1.0, 2.0]) * t)
+        assert torch.equal(group["stats"]["sum"], torch.tensor([3.0, 4.0]) * t)
+        assert group["seen"] == list(range(1, t + 1))
+
+
+# ---- what a step does once, not once per pass (counted) ----
+
+def test_the_generic_engine_scans_the_autograd_graph_once_per_step(monkeypatch):
+    """The stage order (and any tensor of the user's the backward reaches) is read from the first backward of
+    a step; the other passes' backwards need no scan of the graph."""
+    import backforward.engines as engines
+
+    scans = []
+
+    def counting(roots):
+        scans.append(len(roots))
+        return engines.scan_graph.__wrapped__(roots)
+
+    counting.__wrapped__ = engines.scan_graph
+    monkeypatch.setattr(engines, "scan_graph", counting)
+    model, x, y = small_mlp()
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+    assert len(opt.stages) == 3 and scans == [1, 1]
+
+
+def test_a_batch_the_model_leaves_alone_is_copied_in_the_first_step_only(monkeypatch):
+    """step_batch keeps a copy of the batch while it does not know whether the model modifies it."""
+    import backforward.engines as engines
+
+    kept = []
+    real = engines.InputValues
+
+    def spy(inputs, keep):
+        kept.append(keep)
+        return real(inputs, keep)
+
+    monkeypatch.setattr(engines, "InputValues", spy)
+    model, x, y = small_mlp()
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        opt.step_batch(x, y, F.cross_entropy)
+    assert kept == [True, False, False]
+
+
+def test_without_rollback_no_copy_of_the_parameters_is_kept(monkeypatch):
+    import backforward.engines as engines
+
+    saved = []
+    real = engines.Rollback.save
+    monkeypatch.setattr(engines.Rollback, "save", lambda self, params: saved.append(len(params)) or real(self, params))
+    model, x, y = small_mlp()
+    for rollback in (True, False):
+        saved.clear()
+        Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), rollback=rollback).step_batch(
+            x, y, F.cross_entropy)
+        assert saved == ([2, 2, 2] if rollback else [])
