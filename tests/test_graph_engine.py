@@ -1218,20 +1218,56 @@ class TracksItsMeanLogit(nn.Module):
         return logits
 
 
-@pytest.mark.xfail(strict=True, reason="bug: tracing runs self.mean_logit.mul_(0.9) on the real buffer (no proxy "
-                                       "in it) and leaves it out of the graph; the check compares outputs only")
 def test_a_buffer_the_root_forward_updates_by_its_own_calls_advances_once_per_step():
+    """Tracing runs ``self.mean_logit.mul_(0.9)`` on the real buffer (no proxy in it) and records only the
+    ``add_``: refused, and the generic engine advances the buffer once per step."""
     import copy
 
     torch.manual_seed(0)
     model = TracksItsMeanLogit().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
-    for _ in range(3):
-        mean = float(copy.deepcopy(model)(x).detach().mean())  # the logits at θ_t
-        expected = 0.9 * float(model.mean_logit) + 0.1 * mean  # one plain forward's worth
-        opt.step_batch(x, y, F.cross_entropy)
-        assert float(model.mean_logit) == pytest.approx(expected, rel=1e-12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            mean = float(copy.deepcopy(model)(x).detach().mean())  # the logits at θ_t
+            expected = 0.9 * float(model.mean_logit) + 0.1 * mean  # one plain forward's worth
+            opt.step_batch(x, y, F.cross_entropy)
+            assert float(model.mean_logit) == pytest.approx(expected, rel=1e-12)
+    assert opt._engine == "generic"
+    assert [str(w.message) for w in caught] == [
+        "backforward: step_batch runs the generic engine on TracksItsMeanLogit: its forward changes a buffer by "
+        "calls on the buffer itself, which tracing runs once instead of recording"]
+
+
+class CountsItsCalls(nn.Module):
+    """Counts its forward calls in a plain attribute, as a model might keep a statistic."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_forward_setting_plain_attributes_is_not_traced_and_counts_as_the_reference_does():
+    # A traced graph would leave the count where the last generic step left it; the reference runs the
+    # forward once per pass. Tracing and its check leave the count as they found it.
+    torch.manual_seed(0)
+    model = CountsItsCalls()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(model, ["a", "b"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(3):
+            twins.step(x, y, seed=t)
+    assert twins.bf._engine == "generic" and model.calls == twins.ref.calls == 2 * 3
+    assert [str(w.message) for w in caught] == [
+        "backforward: step_batch runs the generic engine on CountsItsCalls: its forward sets plain attributes "
+        "(calls), which a traced graph would not"]
 
 
 def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy(monkeypatch):

@@ -109,7 +109,8 @@ def chain_graph(model: nn.Sequential) -> ModelGraph:
 # ---- tracing ----
 
 def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
-    rng = rng_snapshot()
+    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    settings = {name: settings_of(m) for name, m in model.named_modules()}  # tracing runs forward's Python
     try:
         with warnings.catch_warnings():  # a forward run on proxies warns about things that are not so
             warnings.simplefilter("ignore")
@@ -121,10 +122,15 @@ def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
     finally:
         drew = not torch.equal(rng[0], torch.get_rng_state())
         rng_restore(rng)
+        moved = buffers.changed()
+        buffers.put_back()
     if drew:
         raise Refusal("its forward draws random numbers from no tensor input, which tracing would fix at one value")
+    if moved:
+        raise Refusal("its forward changes a buffer by calls on the buffer itself, which tracing runs once instead "
+                      "of recording")
     result = _from_fx(model, graph)
-    _check_same_forward(model, result, example)
+    _check_same_forward(model, result, example, settings)
     return result
 
 
@@ -278,9 +284,10 @@ def _method(name: str) -> Callable[..., Any]:
     return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
 
 
-def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> None:
+def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, settings: dict[str, tuple]) -> None:
     """The traced graph must give what ``forward()`` gives on this batch, bit for bit (tracing fixes Python
-    branches, e.g. on ``isinstance``, at the values it saw)."""
+    branches, e.g. on ``isinstance``, at the values it saw), and ``forward()`` must set no plain attribute
+    (``settings``: each module's, before tracing), which the graph would not."""
     rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
     detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
     copy = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
@@ -288,6 +295,15 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
         plain = detach(model(copy(example)))
         rng_restore(rng)
         buffers.put_back()
+        set_by_forward = [(m, name, key) for name, m in model.named_modules()
+                          for key, value in settings_of(m) if (key, value) not in settings[name]]
+        for m, name, key in set_by_forward:  # as they were before tracing, as the buffers are
+            old = dict(settings[name])
+            if key in old:
+                setattr(m, key, old[key])
+        if set_by_forward:
+            names = ", ".join(f"{name}.{key}" if name else key for _, name, key in set_by_forward)
+            raise Refusal(f"its forward sets plain attributes ({names}), which a traced graph would not")
         try:
             traced = detach(_run_whole(graph, copy(example)))
         except Exception as e:  # e.g. a branch on an argument's default that tracing took the other way
@@ -331,6 +347,12 @@ def saved_values(model: nn.Module, graph: ModelGraph, example: Any) -> frozenset
 
 def _storages(value: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
+
+
+def settings_of(module: nn.Module) -> tuple:
+    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose."""
+    return tuple((k, v) for k, v in vars(module).items()
+                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
 
 
 def _run_whole(graph: ModelGraph, inputs: Any) -> Any:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import distributed
 from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass, scaler_stages
-from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential
+from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential, settings_of
 from .ics import ICSReport, gradient_shift
 from .replay import InputModified, buffer_slots
 from .stages import Stage, StageSpec, find_stages, parameter_names
@@ -169,7 +169,10 @@ class Backforward(torch.optim.Optimizer):
         if isinstance(closure, _Batch):
             return self._run_batch(closure.inputs, closure.targets, closure.loss_fn).losses[0]
         self._engine = "generic"
-        return self._run(self._current_plan(), closure_pass(closure), follow_graph=True).losses[0]
+        plan = self._current_plan()
+        loss = self._run(plan, closure_pass(closure), follow_graph=True).losses[0]
+        plan.order_read_with = None  # an order this closure's forward gave: step_batch reads its own again
+        return loss
 
     def step_batch(self, inputs: Any, targets: Any,
                    loss_fn: Callable[[Any, Any], torch.Tensor]) -> torch.Tensor:
@@ -268,12 +271,15 @@ class Backforward(torch.optim.Optimizer):
     def _fast(self, plan: _Plan, inputs: Any) -> GraphEngine | None:
         """The fast engine for this plan and order, once the forward order is known and the model reads as a graph.
 
-        Not for an input that requires grad (every pass's backward reaches it in the definition), and not on
-        the first step with a newly traced graph (its branches may order the stages otherwise): the generic
-        engine runs those, reading the order.
+        Not for an input that requires grad (every pass's backward reaches it in the definition), not on
+        the first step with a newly traced graph (its branches may order the stages otherwise), and, with
+        named stages, not on the first after a ``step(closure)`` (its closure's forward gave the order): the
+        generic engine runs those, reading the order.
         """
         graph = self._graph(inputs) if not any(t.requires_grad for t in _tensors(inputs)) else None
-        known = plan.ordered and graph is not None and (graph.kind == "chain" or plan.order_read_with is graph)
+        named = self._stage_spec is None or isinstance(self._stage_spec, str)
+        known = plan.ordered and graph is not None and (
+            plan.order_read_with is graph or (graph.kind == "chain" and not named))
         plan.order_read_with = graph
         if not known:
             return None
@@ -292,7 +298,7 @@ class Backforward(torch.optim.Optimizer):
         # A chain calls its children whole; a traced graph fixed the Python branches a module's mode or hooks took.
         hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
         key = (hooked, tuple(map(id, model)) if plain_sequential(model) else
-               tuple((id(m), _settings(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
+               tuple((id(m), settings_of(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
         if key not in self._graphs:
             try:
                 self._graphs[key] = model_graph(self.model, inputs)
@@ -354,6 +360,9 @@ class StageUpdate:
 
     def __call__(self, stage: Stage) -> None:
         groups = self.optimizer.param_groups
+        if len(groups) != len(self.params[id(stage)]):
+            raise ValueError(f"the base optimizer has {len(groups)} parameter groups where the step began with "
+                             f"{len(self.params[id(stage)])}: add parameter groups between steps, not in the closure")
         full = [g["params"] for g in groups]
         try:
             for g, params in zip(groups, self.params[id(stage)], strict=True):
@@ -405,12 +414,6 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for item in value.values() for t in _tensors(item)]
     return []
-
-
-def _settings(module: nn.Module) -> tuple:
-    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose."""
-    return tuple((k, v) for k, v in vars(module).items()
-                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
 
 
 def _outside_this_package() -> int:

@@ -75,14 +75,19 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.step()
         for group, params in zip(groups, full, strict=True):
             group["params"] = params
-        if k == 0:  # the entries the base step itself changed, as it left them
-            own_after = [{key: value for key, value in _entries(group).items()
-                          if key not in before or not _equal(before[key], value)}
+        if k == 0:  # the entries the base step itself changed, as it left them (or removed)
+            own_after = [{**{key: value for key, value in _entries(group).items()
+                             if key not in before or not _equal(before[key], value)},
+                          **{key: _REMOVED for key in before if key not in group}}
                          for group, before in zip(groups, before_step, strict=True)]
     _set_rng_state(rng_after)
     _set_buffers(buffers_after)
     for group, after in zip(groups, own_after, strict=True):
-        group.update(after)
+        for key, value in after.items():
+            if value is _REMOVED:
+                group.pop(key, None)
+            else:
+                group[key] = value
     for stage, grads in zip(stages, used, strict=True):
         for p, grad in zip(stage, grads, strict=True):
             p.grad = grad
@@ -116,7 +121,11 @@ def _equal(a, b) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return a == b
+    equal = a == b  # an array's == compares elementwise
+    return bool(equal.all()) if hasattr(equal, "all") else bool(equal)
+
+
+_REMOVED = object()
 
 
 def _entries(group: dict) -> dict:

@@ -56,6 +56,11 @@ class BufferValues:
         self.tensors = [module._buffers[name] for module, name in slots]
         self.values = [t.detach().clone() for t in self.tensors]
 
+    def changed(self) -> bool:
+        """Whether a buffer was replaced or holds another value now."""
+        return any(module._buffers[name] is not tensor or not torch.equal(tensor, value)
+                   for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True))
+
     def put_back(self) -> None:
         if not self.slots:
             return
@@ -160,7 +165,8 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     try:
-        return bool(a == b)
+        equal = a == b  # an array's == compares elementwise
+        return bool(equal.all()) if hasattr(equal, "all") else bool(equal)
     except (RuntimeError, TypeError, ValueError):  # other objects holding tensors: taken as changed
         return False
 
