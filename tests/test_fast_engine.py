@@ -3,6 +3,7 @@ model promises."""
 
 import pytest
 import torch
+from awkward import RunningCenter
 from conftest import BASES, assert_same_params, clone, linear_stages, make
 from torch import nn
 
@@ -140,19 +141,24 @@ def test_a_sequential_with_its_own_forward_is_traced_not_chained():
         assert opt._engine == engine
 
 
+def chain_beside_reference(model: nn.Sequential, stages: list[list[nn.Parameter]], x, y, steps: int = 3, **close):
+    """step_batch on the default stages beside reference_step on ``stages``, equal after every step."""
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(steps):
+        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
+        bf.step_batch(x, y, F.cross_entropy)
+        assert_same_params(model, ref, **close)
+    assert bf._engine == "chain"
+
+
 def test_shared_children_stay_on_the_fast_engine_and_exact():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 3))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    stages = [list(model[0].parameters()), list(shared.parameters()), list(model[5].parameters())]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    for _ in range(3):
-        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
-        bf.step_batch(x, y, F.cross_entropy)
-    assert bf._engine == "chain"
-    assert_same_params(model, ref)
+    chain_beside_reference(model, [list(model[0].parameters()), list(shared.parameters()),
+                                   list(model[5].parameters())], x, y)
 
 
 def _backward(loss):
@@ -218,38 +224,16 @@ def test_the_fast_engine_reads_the_autograd_graph_in_its_first_step_only(name, m
 
 # ---- found by the second mutation run ----
 
-class RunningCenter(nn.Module):
-    """Subtracts its running centre, then moves it towards the batch mean (an EMA normaliser)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.register_buffer("center", torch.zeros(width))
-
-    def forward(self, x):
-        out = x - self.center
-        with torch.no_grad():
-            self.center.mul_(0.5).add_(x.mean(0), alpha=0.5)
-        return out
-
-
 def test_two_children_sharing_a_buffer_are_recomputed_together():
     """One normaliser at two places in the chain: its second call reads the centre its first call moved, so a
     pass that recomputes the second call must recompute the first (its input is kept), as a plain forward runs
     both."""
     torch.manual_seed(0)
-    center = RunningCenter(4)
+    center = RunningCenter(4)  # reads its buffer and moves it in place
     model = nn.Sequential(nn.Linear(4, 4), center, nn.Tanh(), nn.Linear(4, 4), center, nn.Tanh(),
                           nn.Linear(4, 3)).double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    stages = [list(model[i].parameters()) for i in (0, 3, 6)]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    for _ in range(3):
-        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
-        bf.step_batch(x, y, F.cross_entropy)
-        assert_same_params(model, ref, atol=1e-12)
-    assert bf._engine == "chain"
+    chain_beside_reference(model, [list(model[i].parameters()) for i in (0, 3, 6)], x, y, atol=1e-12)
 
 
 def test_step_batch_reads_its_own_stage_order_again_after_a_closure_step_gave_another():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_same_params, clone
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from backforward import Backforward, reference_step
 
@@ -76,6 +77,23 @@ class BesideReference:
         torch.manual_seed(seed)
         self.bf.step_batch(x, y, F.cross_entropy)
         assert_same_params(self.model, self.ref)
+
+
+def steps_on_the_graph_engine(twins: BesideReference, x, y, steps: int = 3) -> None:
+    """Steps the twins (equal to the reference every step); the last step ran on the graph engine."""
+    for t in range(steps):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "graph"
+
+
+def fallback_warnings(twins: BesideReference, x, y, steps: int = 2, context=None) -> list[str]:
+    """Steps the twins (equal to the reference every step) on the generic engine; backforward's warnings."""
+    with warnings.catch_warnings(record=True) as caught, context or contextlib.nullcontext():
+        warnings.simplefilter("always")
+        for t in range(steps):
+            twins.step(x, y, seed=t)
+    assert twins.bf._engine == "generic"
+    return [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])
@@ -522,9 +540,7 @@ def test_tensor_methods_called_with_keywords_run_on_the_graph_engine():
     model = MethodKeywords()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(model, ["l1", "l2"])
-    for t in range(3):
-        twins.step(x, y, seed=t)
-    assert twins.bf._engine == "graph"
+    steps_on_the_graph_engine(twins, x, y)
 
 
 class Checking(nn.Module):
@@ -965,17 +981,16 @@ def test_kept_values_are_fed_back_with_their_requires_grad_flag():
     assert twin_steps(model, F.cross_entropy, x, y, quiet=False, steps=3) == ["generic", "chain", "chain"]
 
 
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
+
+
 def test_a_checkpointed_forward_is_refused_saying_why():
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
-
     torch.manual_seed(0)
     model = Checkpointed()
     bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -1033,9 +1048,7 @@ def test_a_kept_tuple_of_tensors_that_a_later_call_modifies_in_place_is_caught()
     model = PairThenShift().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     twins = BesideReference(model, ["stem", "pair", "shifter", "head"])
-    for t in range(3):
-        twins.step(x, y, seed=t)
-    assert twins.bf._engine == "graph"
+    steps_on_the_graph_engine(twins, x, y)
     graph = next(iter(twins.bf._graphs.values()))
     assert [graph.ops[i].name for i in graph.volatile] == ["pair"]
 
@@ -1091,12 +1104,7 @@ def test_a_traced_graph_failing_without_a_message_is_refused_saying_so():
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(MaskedByDefault(), ["l1", "l2"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for t in range(2):
-            twins.step(x, y, seed=t)
-    assert twins.bf._engine == "generic"
-    assert [str(w.message) for w in caught] == [
+    assert fallback_warnings(twins, x, y) == [
         "backforward: step_batch runs the generic engine on MaskedByDefault: its traced graph fails on the first "
         "batch (ValueError: no message), where forward() does not"]
 
@@ -1121,9 +1129,7 @@ def test_a_recomputed_dropout_after_one_that_was_not_draws_pass_ones_mask():
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(DropsAfterAnUntouchedDraw(), ["p", "q", "head"])
-    for t in range(3):
-        twins.step(x, y, seed=t)
-    assert twins.bf._engine == "graph"
+    steps_on_the_graph_engine(twins, x, y)
 
 
 class ReusesItsFirstWeightLater(nn.Module):
@@ -1160,25 +1166,10 @@ def test_a_parameter_used_again_later_is_ordered_by_its_first_use(entry):
 def test_a_checkpointed_forward_is_refused_inside_the_users_own_saved_tensor_hooks():
     """Under save_on_cpu the checkpoint replaces one pair of saved-tensor hooks by another (as many): still a
     change that tracing would drop."""
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
-
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(Checkpointed(), ["a", "b"])
-    with warnings.catch_warnings(record=True) as caught, torch.autograd.graph.save_on_cpu():
-        warnings.simplefilter("always")
-        for t in range(2):
-            twins.step(x, y, seed=t)
-    assert twins.bf._engine == "generic"
-    assert [str(w.message) for w in caught] == [
+    assert fallback_warnings(twins, x, y, context=torch.autograd.graph.save_on_cpu()) == [
         "backforward: step_batch runs the generic engine on Checkpointed: its forward changes grad mode, autocast or "
         "saved-tensor hooks inside (torch.no_grad, torch.autocast, checkpointing), which tracing would drop"]
 
@@ -1260,14 +1251,10 @@ def test_a_forward_setting_plain_attributes_is_not_traced_and_counts_as_the_refe
     model = CountsItsCalls()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(model, ["a", "b"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for t in range(3):
-            twins.step(x, y, seed=t)
-    assert twins.bf._engine == "generic" and model.calls == twins.ref.calls == 2 * 3
-    assert [str(w.message) for w in caught] == [
+    assert fallback_warnings(twins, x, y, steps=3) == [
         "backforward: step_batch runs the generic engine on CountsItsCalls: its forward sets plain attributes "
         "(calls), which a traced graph would not"]
+    assert model.calls == twins.ref.calls == 2 * 3
 
 
 def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy(monkeypatch):

@@ -180,16 +180,22 @@ def test_failed_first_step_removes_the_optimizer_state_it_created():
     assert len(opt.state) == 0
 
 
-def test_closure_without_backward_or_grad_raises_before_anything_moves():
-    model, _, x, y = make("mlp3")
-    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    before = snapshot(model, opt)
-
+def no_grad_closure(model, x, y):
+    """A closure whose loss is computed under torch.no_grad(): its backward() has nothing to run."""
     def under_no_grad():
         with torch.no_grad():
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
+    return under_no_grad
+
+
+def test_closure_without_backward_or_grad_raises_before_anything_moves():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model, opt)
+
+    under_no_grad = no_grad_closure(model, x, y)
 
     with pytest.raises(RuntimeError, match="did not call backward"):
         opt.step(lambda: F.cross_entropy(model(x), y).detach())
@@ -468,6 +474,19 @@ def test_changing_the_order_between_steps_follows_it():
 
 # ---- mixed precision ----
 
+def overflowing_in_pass_2(model, x, y, scaler):
+    """An AMP closure whose scaled loss is infinite in its second call (pass 2), finite otherwise."""
+    calls = []
+
+    def overflowing():
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (math.inf if len(calls) == 2 else 1.0)).backward()
+        return loss
+    return overflowing
+
+
 def amp_closure(model, x, y, scaler=None):
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -503,14 +522,7 @@ def test_grad_scaler_unscales_each_pass_and_skips_steps_with_inf():
         assert_same_params(model, unscaled, atol=0)
     assert scaler.get_scale() == 2.0 ** 11  # grew once after two clean steps
     before = snapshot(model, opt)[:2]
-    calls = []
-
-    def overflowing():
-        calls.append(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss * (math.inf if len(calls) == 2 else 1.0)).backward()
-        return loss
+    overflowing = overflowing_in_pass_2(model, x, y, scaler)
 
     opt.step(overflowing)
     scaler.update()
@@ -1220,11 +1232,7 @@ def test_a_loss_computed_under_no_grad_is_refused_in_full():
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
     before = snapshot(model, opt)
 
-    def under_no_grad():
-        with torch.no_grad():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    under_no_grad = no_grad_closure(model, x, y)
 
     with pytest.raises(RuntimeError) as caught:
         opt.step(under_no_grad)
@@ -1243,14 +1251,7 @@ def test_without_rollback_an_amp_step_that_overflows_is_still_undone():
     opt.step(amp_closure(model, x, y, scaler))  # momentum buffers exist
     scaler.update()
     before = snapshot(model, opt)
-    calls = []
-
-    def overflowing():
-        calls.append(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss * (math.inf if len(calls) == 2 else 1.0)).backward()
-        return loss
+    overflowing = overflowing_in_pass_2(model, x, y, scaler)
 
     opt.step(overflowing)
     assert opt.last_step_skipped
@@ -1293,14 +1294,19 @@ def test_a_closure_passing_gradient_weights_to_backward():
     against_reference(model, closure_for)
 
 
+def two_losses(m, x, y):
+    """A classification loss and a penalty on the same output (multi-task): one graph, two roots."""
+    out = m(x)
+    return F.cross_entropy(out, y), out.pow(2).mean()
+
+
 def test_a_closure_with_two_losses_sharing_a_graph_retains_it():
     """Multi-task: l1.backward(retain_graph=True) then l2.backward() through the same trunk."""
     model, x, y = small_mlp()
 
     def closure_for(m, opt):
         def closure():
-            out = m(x)
-            l1, l2 = F.cross_entropy(out, y), out.pow(2).mean()
+            l1, l2 = two_losses(m, x, y)
             l1.backward(retain_graph=True)
             l2.backward()
             return l1 + l2
@@ -1314,8 +1320,7 @@ def test_a_closure_calling_autograd_backward_on_a_list_of_losses():
 
     def closure_for(m, opt):
         def closure():
-            out = m(x)
-            l1, l2 = F.cross_entropy(out, y), out.pow(2).mean()
+            l1, l2 = two_losses(m, x, y)
             torch.autograd.backward([l1, l2])
             return l1 + l2
         return closure
