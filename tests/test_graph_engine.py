@@ -1231,17 +1231,29 @@ def test_a_buffer_the_root_forward_updates_by_its_own_calls_advances_once_per_st
         "calls on the buffer itself, which tracing runs once instead of recording"]
 
 
-class CountsItsCalls(nn.Module):
-    """Counts its forward calls in a plain attribute, as a model might keep a statistic."""
+class Tanh(nn.Module):
+    """tanh, counting how often it ran in a private attribute (no parameters: tracing goes inside)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self._runs = 0
+
+    def forward(self, x):
+        self._runs += 1
+        return torch.tanh(x)
+
+
+class CountsItsCalls(nn.Module):
+    """Counts its forward calls in a plain attribute, as a model might keep a statistic; so does a child."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 6), Tanh(), nn.Linear(6, 3)
         self.calls = 0
 
     def forward(self, x):
         self.calls += 1
-        return self.b(torch.tanh(self.a(x)))
+        return self.b(self.act(self.a(x)))
 
 
 def test_a_forward_setting_plain_attributes_is_not_traced_and_counts_as_the_reference_does():
@@ -1253,8 +1265,8 @@ def test_a_forward_setting_plain_attributes_is_not_traced_and_counts_as_the_refe
     twins = BesideReference(model, ["a", "b"])
     assert fallback_warnings(twins, x, y, steps=3) == [
         "backforward: step_batch runs the generic engine on CountsItsCalls: its forward sets plain attributes "
-        "(calls), which a traced graph would not"]
-    assert model.calls == twins.ref.calls == 2 * 3
+        "(calls, act._runs), which a traced graph would not"]
+    assert model.calls == model.act._runs == twins.ref.calls == 2 * 3
 
 
 def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy(monkeypatch):

@@ -11,7 +11,7 @@ from conftest import assert_same_params, clone, make
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from backforward import Backforward, reference_step
+from backforward import Backforward, reference_step, replay
 
 F = nn.functional
 
@@ -334,6 +334,64 @@ def test_an_array_in_a_group_entry_is_compared_elementwise(entry):
         Backforward(m, base).step_batch(x, y, lambda out, target: 0.5 * ((out - target) ** 2).sum())
     assert (m[0].weight.item(), m[1].weight.item()) == pytest.approx((1.2, 1.192))  # the hand-worked step above
     assert base.param_groups[0]["step"] == 1 and base.param_groups[0]["tag"].tolist() == [1.0, 2.0]
+
+
+class SGDWithAConstantTensor(CountingSGD):
+    """CountingSGD with a group entry its step reads but never changes: a tensor (copied, so never identical)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr)
+        for group in self.param_groups:
+            group["mask"] = torch.ones(2)
+
+
+def test_a_group_entry_the_base_step_leaves_equal_is_not_counted_as_its_state():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, SGDWithAConstantTensor(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)
+    changed = []
+    real = replay._changed_keys
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replay, "_changed_keys", lambda before, group: changed.append(real(before, group)) or changed[-1])
+        opt.step_batch(x, y, F.cross_entropy)
+    assert changed == [["step"]]  # the counter, not the equal tensor
+
+
+@pytest.mark.parametrize("base, snapshots", [(torch.optim.SGD, 1), (CountingSGD, 2)])
+def test_torch_optimizers_own_steps_are_not_watched_for_group_state(base, snapshots):
+    # torch.optim's steps write per-parameter state alone: the group entries are copied once a step (for a
+    # rollback), not again around the first base step.
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, base(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)
+    calls = []
+    real = replay._group_entries
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replay, "_group_entries", lambda group: calls.append(1) or real(group))
+        opt.step_batch(x, y, F.cross_entropy)
+    assert len(calls) == snapshots
+
+
+class CountsItsCallsPerParameter(torch.optim.SGD):
+    """Keeps a plain number in each parameter's state (not a tensor), as some optimizers do."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["calls"] = self.state[p].get("calls", 0.0) + 1.0
+        return super().step(closure)
+
+
+def test_a_failed_step_puts_back_plain_numbers_in_the_optimizer_state():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, CountsItsCallsPerParameter(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)
+    before = snapshot(model, opt)
+    with pytest.raises(FloatingPointError):
+        opt.step(failing_closures(model, x, y)["nan in the last pass"])
+    assert_unchanged(before, model, opt)
+    assert [opt.state[p]["calls"] for p in model.parameters()] == [1.0] * 6
 
 
 class TensorCountingSGD(torch.optim.Optimizer):
@@ -1453,6 +1511,7 @@ def test_the_reference_puts_back_a_group_entry_the_first_base_step_removed():
     base = FirstCallSGD(m.parameters(), lr=0.01)
     reference_step(m, base, [[m[0].weight], [m[1].weight]], lambda: backward(0.5 * ((m(x) - y) ** 2).sum()))
     assert (m[0].weight.item(), m[1].weight.item()) == pytest.approx(two_scalar_layers_by_hand(1.0, 1.0, 0.11))
+    assert "closing" not in base.param_groups[0]  # and after the step, gone, as one base step leaves it
 
 
 def scalar_chain_by_hand(ws, lr):

@@ -110,7 +110,7 @@ def chain_graph(model: nn.Sequential) -> ModelGraph:
 
 def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
     rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
-    settings = {name: settings_of(m) for name, m in model.named_modules()}  # tracing runs forward's Python
+    settings = {name: settings_of(m, private=True) for name, m in model.named_modules()}  # tracing runs forward
     try:
         with warnings.catch_warnings():  # a forward run on proxies warns about things that are not so
             warnings.simplefilter("ignore")
@@ -296,7 +296,7 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, setti
         rng_restore(rng)
         buffers.put_back()
         set_by_forward = [(m, name, key) for name, m in model.named_modules()
-                          for key, value in settings_of(m) if (key, value) not in settings[name]]
+                          for key, value in settings_of(m, private=True) if (key, value) not in settings[name]]
         for m, name, key in set_by_forward:  # as they were before tracing, as the buffers are
             old = dict(settings[name])
             if key in old:
@@ -349,10 +349,11 @@ def _storages(value: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
 
 
-def settings_of(module: nn.Module) -> tuple:
-    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose."""
+def settings_of(module: nn.Module, private: bool = False) -> tuple:
+    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose.
+    With ``private``, also those named with a leading underscore (a counter the forward keeps)."""
     return tuple((k, v) for k, v in vars(module).items()
-                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
+                 if (private or not k.startswith("_")) and isinstance(v, (bool, int, float, str, type(None))))
 
 
 def _run_whole(graph: ModelGraph, inputs: Any) -> Any:
