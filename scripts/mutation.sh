@@ -4,6 +4,8 @@
 #   scripts/mutation.sh            every mutant, from scratch; writes the score into the README
 #   scripts/mutation.sh --resume   the mutants the last run did not check (stopped early, or code changed since),
 #                                  reusing its results for the rest; writes the score into the README
+#   scripts/mutation.sh --survivors  every mutant the last run left alive, again (after tests were added);
+#                                  writes the score into the README
 #   scripts/mutation.sh NAME...    only these mutants (names or globs, e.g. 'backforward.stages.*'), reusing the
 #                                  last run's results for the rest; prints the summary, leaves the README alone
 #
@@ -18,9 +20,16 @@ if ! .venv/bin/python -c "import mutmut" 2>/dev/null; then
 fi
 start=$(date +%s)
 readme=yes timing=(--minutes)
-if [ "${1:-}" = --resume ]; then
+if [ "${1:-}" = --resume ] || [ "${1:-}" = --survivors ]; then
+    mode=$1
     shift
     timing=()  # a resumed run's wall time is not the whole run's
+    # Tests may have changed since: record again which tests reach each function (mutmut keeps the old record
+    # for tests whose names it knows, so a test changed under the same name would not be run on a mutant).
+    rm -f mutants/mutmut-stats.json
+    if [ "$mode" = --survivors ]; then
+        set -- $(.venv/bin/mutmut results 2>/dev/null | awk '$2 == "survived" { sub(/:$/, "", $1); print $1 }')
+    fi
 elif [ $# -eq 0 ]; then
     rm -rf mutants  # mutated copies of src/ and tests/, and results, of the last run
 else

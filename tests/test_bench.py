@@ -179,8 +179,8 @@ def test_target_lines_name_the_model_depth_and_the_bound():
         "measured/predicted = 1.20": False,
         "resnet, depth 3, 19 stages: graph saved bytes at most SGD's (upper bound only): 101 vs 100": False,
         "resnet, depth 3, 19 stages: graph at least 1.3x faster than generic (lower bound only): 1.17x": False,
-        "mlp8x512, depth 8, 3 stages: fast at least 2.0x faster than the paper's loop (lower bound only): 3.33x":
-            True,
+        "mlp8x512, depth 8, 3 stages: fast at least 2.0x faster than the paper's loop (lower bound only): 3.33x "
+        "(the measured-cost model predicts 3.00x)": True,
     }
 
 

@@ -328,10 +328,13 @@ def check_targets(records: Sequence[Record]) -> list[tuple[bool, str]]:
         mlps = [by[(m, "fast")] for m in models if family(m)]
         if mlps:
             deepest = max(mlps, key=lambda r: r.depth)
-            speedup = by[(deepest.model, "paper")].ms_per_step / deepest.ms_per_step
+            paper = by[(deepest.model, "paper")]
+            speedup = paper.ms_per_step / deepest.ms_per_step
             bound = TARGETS["fast_speedup_over_paper"]
+            # What the measured-cost model allows with no bookkeeping at all: a bound above it cannot be met.
             line(speedup >= bound, deepest, f"fast at least {bound}x faster than the paper's loop (lower bound only)",
-                 f"{speedup:.2f}x")
+                 f"{speedup:.2f}x (the measured-cost model predicts "
+                 f"{paper.predicted_ratio / deepest.predicted_ratio:.2f}x)")
     return out
 
 
