@@ -1514,6 +1514,32 @@ def test_the_reference_puts_back_a_group_entry_the_first_base_step_removed():
     assert "closing" not in base.param_groups[0]  # and after the step, gone, as one base step leaves it
 
 
+class PopsOnItsFirstCallOnly(torch.optim.SGD):
+    """Removes a group entry in its first call ever (a one-off flag), not in later ones."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.calls = 0
+        for group in self.param_groups:
+            group["closing"] = None
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == 1:
+            for group in self.param_groups:
+                group.pop("closing")
+        return super().step(closure)
+
+
+def test_the_reference_leaves_group_entries_as_after_the_first_base_step():
+    # Pass 2 sees the entry put back and its base step leaves it; the step ends as after pass 1: removed.
+    m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    base = PopsOnItsFirstCallOnly(m.parameters(), lr=0.1)
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.full((1, 1), 2.0, dtype=torch.float64)
+    reference_step(m, base, [[m[0].weight], [m[1].weight]], lambda: backward(0.5 * ((m(x) - y) ** 2).sum()))
+    assert base.calls == 2 and "closing" not in base.param_groups[0]
+
+
 def scalar_chain_by_hand(ws, lr):
     """One Backforward step on out = w_n * ... * w_1 * 1, loss (out - 2)^2 / 2: dL/dw_k = r * out / w_k."""
     ws = list(ws)
