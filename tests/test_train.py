@@ -97,9 +97,12 @@ TINY = ["--hidden", "16", "--seed", "1"]
 
 def start_train(out, *args, epochs=200):
     """A ``backforward train`` process, returned once it has finished its first epoch."""
+    # Ctrl-C as at a terminal: a suite started in the background (`cmd &`) has SIGINT ignored, and the child
+    # would inherit that.
     proc = subprocess.Popen([*CLI, "train", *TINY, "--epochs", str(epochs), *args, "--out", str(out)],
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or not read_metrics(out):
         assert proc.poll() is None and time.time() < deadline, "the run should be training"
