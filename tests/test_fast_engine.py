@@ -4,8 +4,9 @@ model promises."""
 import pytest
 import torch
 from awkward import RunningCenter
-from conftest import BASES, assert_same_params, clone, linear_stages, make
+from conftest import BASES, assert_same_params, clone, linear_stages
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from backforward import Backforward, reference_step
 from backforward.graph import GraphEngine, chain_graph
@@ -203,24 +204,6 @@ def test_a_value_modified_in_place_is_handed_as_a_copy_to_every_reader_but_its_l
     assert_same_params(model, ref)
 
 
-@pytest.mark.parametrize("name", ["mlp3", "residual"])  # the chain engine and the graph engine
-def test_the_fast_engine_reads_the_autograd_graph_in_its_first_step_only(name, monkeypatch):
-    """Its traced structure fixes what the graph holds: later steps do not walk it again (a cost per step)."""
-    from backforward import engines
-
-    scans = []
-    real = engines.scan_graph
-    monkeypatch.setattr(engines, "scan_graph", lambda roots: scans.append(1) or real(roots))
-    model, _, x, y = make(name)
-    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    opt.step_batch(x, y, F.cross_entropy)  # the generic engine reads the stage order
-    opt.step_batch(x, y, F.cross_entropy)  # the fast engine's first step reads the graph once
-    assert opt._engine in ("chain", "graph") and len(scans) == 2
-    opt.step_batch(x, y, F.cross_entropy)
-    opt.step_batch(x, y, F.cross_entropy)
-    assert len(scans) == 2
-
-
 
 # ---- found by the second mutation run ----
 
@@ -257,3 +240,34 @@ def test_step_batch_reads_its_own_stage_order_again_after_a_closure_step_gave_an
                        [list(ref.get_submodule(name).parameters()) for name in ("0", "2", "4")],
                        lambda ref=ref: _backward(F.cross_entropy(ref(x), y)))
         assert_same_params(model, ref, atol=1e-12)
+
+
+class MaybeCheckpointed(nn.Module):
+    """A chain child that starts checkpointing itself reentrantly once ``use_ckpt`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.use_ckpt = False
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=True) if self.use_ckpt else self.inner(x)
+
+
+def test_a_child_that_starts_hiding_its_parameters_after_fast_steps_still_equals_the_reference():
+    """The chain calls its children whole: each step reads the autograd graph for what they hide."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), MaybeCheckpointed(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    stages = [list(model[0].parameters()), list(model[2].inner[0].parameters()), list(model[3].parameters())]
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     stages=[model[0], model[2].inner[0], model[3]])
+    for t in range(5):
+        if t == 3:
+            model[2].use_ckpt = ref[2].use_ckpt = True
+        reference_step(ref, ref_opt, ref_stages, lambda: _backward(F.cross_entropy(ref(x), y)))
+        bf.step_batch(x, y, F.cross_entropy)
+        assert_same_params(model, ref, atol=1e-12)
+    assert bf._engine == "chain"

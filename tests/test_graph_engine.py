@@ -1354,3 +1354,25 @@ def test_values_found_modified_in_place_in_different_steps_are_all_remembered():
         graph = graph or next(iter(twins.bf._graphs.values()))
         found.append(sorted(graph.ops[i].name for i in graph.volatile))
     assert found == [[], ["a"], ["a", "c"], ["a", "c"], ["a", "c"]]
+
+
+class KeepsANaN(nn.Module):
+    """Holds a buffer with a NaN in it that its forward reads (NaN is not equal to itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("marks", torch.tensor([float("nan"), 1.0]))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * self.marks[1])
+
+
+def test_a_buffer_holding_nan_is_not_taken_for_one_that_tracing_changed():
+    torch.manual_seed(0)
+    model = KeepsANaN()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        opt.step_batch(x, y, F.cross_entropy)
+    assert opt._engine == "graph"

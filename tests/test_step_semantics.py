@@ -1634,3 +1634,82 @@ def test_without_rollback_no_copy_of_the_parameters_is_kept(monkeypatch):
         Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), rollback=rollback).step_batch(
             x, y, F.cross_entropy)
         assert saved == ([2, 2, 2] if rollback else [])
+
+
+# ---- found by an independent review of the overhead work ----
+
+def test_a_loss_with_a_learnable_temperature_switched_on_later_trains_it_as_the_reference_does():
+    """What the loss reaches beyond the model (a tensor of the user's) is read from every step's graph: a
+    loss_fn that starts using a learnable temperature after fast steps must give it its gradient."""
+    torch.manual_seed(0)
+    model, stages, x, y = make("mlp3")
+    model, x = model.double(), x.double()
+    ref, ref_stages = clone(model, stages)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    temperature = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    ref_temperature = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    for t in range(5):
+        tempered = t >= 3
+        reference_step(ref, ref_opt, ref_stages, lambda tempered=tempered: backward(F.cross_entropy(
+            ref(x) * (ref_temperature if tempered else 1.0), y)))
+        opt.step_batch(x, y, lambda out, target, tempered=tempered: F.cross_entropy(
+            out * (temperature if tempered else 1.0), target))
+        assert opt._engine == "chain" or t == 0
+        assert_same_params(model, ref, atol=1e-12)
+    torch.testing.assert_close(temperature.grad, ref_temperature.grad, rtol=1e-12, atol=1e-12)
+
+
+class WrappedStep:
+    """Sets on an optimizer instance a step that writes a group entry (a per-call decay), as a user's wrapper
+    or a library's might."""
+
+    def __init__(self, optimizer):
+        self.inner, self.optimizer = optimizer.step, optimizer
+
+    def __call__(self, *args, **kwargs):
+        for group in self.optimizer.param_groups:
+            group["calls"] = group.get("calls", 0) + 1
+            group["lr"] = 0.1 / group["calls"]
+        return self.inner(*args, **kwargs)
+
+
+def test_a_step_set_on_a_torch_optimizer_instance_is_watched_for_group_state():
+    torch.manual_seed(0)
+    model, stages, x, y = make("mlp3")
+    ref, ref_stages = clone(model, stages)
+    base, ref_base = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    base.step, ref_base.step = WrappedStep(base), WrappedStep(ref_base)
+    opt = Backforward(model, base)
+    for _ in range(3):
+        reference_step(ref, ref_base, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+        assert_same_params(model, ref)
+    assert base.param_groups[0]["calls"] == ref_base.param_groups[0]["calls"] == 3
+
+
+def test_without_rollback_no_copy_is_kept_between_steps():
+    """rollback=False keeps nothing: copies an AMP skip or a measurement took are let go with the step."""
+    torch.manual_seed(0)
+    model, _, x, y = make("mlp3")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    amp = Backforward(model, torch.optim.Adam(model.parameters(), lr=0.1), grad_scaler=scaler, rollback=False)
+    amp.step(amp_closure(model, x, y, scaler))
+    assert amp._plan.rollback_store == {}
+    opt = Backforward(model, torch.optim.Adam(model.parameters(), lr=0.1), rollback=False)
+    opt.step_batch(x, y, F.cross_entropy)
+    opt._group_state_changes(x, y, F.cross_entropy)
+    assert opt._plan.rollback_store == {}
+    opt.rollback = True
+    opt.step_batch(x, y, F.cross_entropy)
+    assert len(opt._plan.rollback_store) == 6 * 4  # each parameter, its two moments and its step count
+    opt.rollback = False
+    opt.step_batch(x, y, F.cross_entropy)
+    assert opt._plan.rollback_store == {}
+
+
+def test_arrays_of_another_shape_in_a_group_entry_are_not_equal():
+    np = pytest.importorskip("numpy")
+    assert not replay._same(np.array([5.0]), np.array([5.0, 5.0]))
+    assert not replay._same(np.zeros(0), np.array([7.0]))
+    assert replay._same(np.array([1.0, 2.0]), np.array([1.0, 2.0]))

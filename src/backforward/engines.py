@@ -60,8 +60,6 @@ class StepSetup:
     check_finite: bool = True
     rollback: bool = True
     rollback_store: dict = field(default_factory=dict)  # the rollback's copies, kept from step to step
-    graph_read: bool = False                # an earlier step read this graph (a fast engine's fixed structure):
-                                            # it hides no parameters and holds no tensor of the user's
 
 
 @dataclass
@@ -74,7 +72,6 @@ class StepResult:
     group_state_changed: bool = False        # the base step changed group-level entries (schedule-free counters)
     inputs_modified: bool = False            # the model modified step_batch's input in place
     skipped: bool = False                    # AMP: gradients held inf or NaN, so the step was undone
-    graph_plain: bool = False                # the graph hid no parameters and held no tensor of the user's
 
 
 class StageGradients:
@@ -102,7 +99,6 @@ class StageGradients:
         self.calls = 0
         self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
         self.user_leaves = False    # the closure backpropagates to tensors of its own: scan every call
-        self.graph_read = setup.graph_read  # nothing to scan for: the order is known and the graph plain
         self.placeholders: set[int] = set()
         self.stage_params = [list(s.params) for s in setup.stages]
 
@@ -208,7 +204,7 @@ class StageGradients:
         """Scan the graph where needed: the stage order (first call of the step) and tensors of the user's."""
         first = self.j == 0 and self.calls == 0
         self.calls += 1
-        if not (first or self.user_leaves) or (self.graph_read and self.order is not None):
+        if not (first or self.user_leaves):
             return []
         scan = scan_graph(roots)
         if first:
@@ -335,6 +331,9 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
         for p, g in zip(params, grads_before, strict=True):
             p.grad = g
         raise
+    finally:
+        if not setup.rollback:  # copies an AMP skip or a measurement took: not kept between steps
+            setup.rollback_store.clear()
     if keep:
         for k, grads in used.items():
             for p, g in zip(stages[k].params, grads, strict=True):
@@ -345,7 +344,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     assert gradients.order is not None
     changed = groups is not None and any(groups.changed)
     return StepResult(values, list(gradients.order), measured, changed, inputs is not None and inputs.modified,
-                      skipped, graph_plain=not (gradients.whole or gradients.user_leaves))
+                      skipped)
 
 
 def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, meter: bool,

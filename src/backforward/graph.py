@@ -90,7 +90,9 @@ def model_graph(model: nn.Module, example: Any) -> ModelGraph:
         raise Refusal("the model has forward hooks, which a graph of its calls would not fire")
     if global_hooks():
         raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
-    graph = chain_graph(model) if plain_sequential(model) else traced_graph(model, example)
+    if plain_sequential(model):
+        return chain_graph(model)  # children called whole: what they save is read as saved (no probe forward)
+    graph = traced_graph(model, example)
     graph.saved = saved_values(model, graph, example)
     return graph
 
@@ -390,10 +392,6 @@ class GraphEngine:
         self._cache: dict[int, tuple[Any, tuple[int, ...]]] = {}
         self._rng: dict[int, RngState] = {}
         self._batch: set[int] = set()  # storage of the step's inputs
-        # Whether a step found the autograd graph plain (no parameters hidden by a reentrant checkpoint, no
-        # tensors of the forward's own that require grad): the traced structure fixes that, so later steps
-        # need not read the graph again.
-        self.graph_plain = False
 
     @property
     def kind(self) -> str:

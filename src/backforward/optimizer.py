@@ -205,15 +205,13 @@ class Backforward(torch.optim.Optimizer):
         self._engine = fast.kind if fast is not None else "generic"
         tensors = _tensors(inputs)
         result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
-                           inputs=tensors, graph_read=fast is not None and fast.graph_plain)
-        if fast is not None:
-            fast.graph_plain = result.graph_plain
+                           inputs=tensors)
         if tensors and not capturing:
             plan.inputs_modified = result.inputs_modified or (plan.inputs_modified is True)
         return result
 
     def _run(self, plan: _Plan, run_pass: RunPass, follow_graph: bool, *, keep: bool = True,
-             capturing: bool = False, inputs: Sequence[torch.Tensor] = (), graph_read: bool = False) -> StepResult:
+             capturing: bool = False, inputs: Sequence[torch.Tensor] = ()) -> StepResult:
         """One step (``keep=False``: undone afterwards); ``capturing``: inside a CUDA graph capture, nothing may
         read the host, so no rollback copy, finiteness check or group-level state replay (``cuda_graphs``)."""
         _check_order(self.order)
@@ -231,8 +229,7 @@ class Backforward(torch.optim.Optimizer):
             scaler_before=self._others_scaled(scaler),
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
             rollback=self.rollback and not capturing, inputs=inputs,
-            copy_inputs=plan.inputs_modified is not False and not capturing, graph_read=graph_read,
-            rollback_store=plan.rollback_store)
+            copy_inputs=plan.inputs_modified is not False and not capturing, rollback_store=plan.rollback_store)
         try:
             result = backforward_step(setup, run_pass, keep=keep)
         except InputModified:

@@ -121,6 +121,8 @@ def _equal(a, b) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if getattr(a, "shape", None) != getattr(b, "shape", None):  # arrays: == would broadcast one to the other
+        return False
     equal = a == b  # an array's == compares elementwise
     return bool(equal.all()) if hasattr(equal, "all") else bool(equal)
 

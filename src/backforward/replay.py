@@ -57,8 +57,8 @@ class BufferValues:
         self.values = [t.detach().clone() for t in self.tensors]
 
     def changed(self) -> bool:
-        """Whether a buffer was replaced or holds another value now."""
-        return any(module._buffers[name] is not tensor or not torch.equal(tensor, value)
+        """Whether a buffer was replaced or holds another value now (NaN where NaN was is no change)."""
+        return any(module._buffers[name] is not tensor or not _same_values(tensor, value)
                    for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True))
 
     def put_back(self) -> None:
@@ -68,6 +68,10 @@ class BufferValues:
             for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
                 module._buffers[name] = tensor
                 tensor.copy_(value)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
 
 
 class InputModified(RuntimeError):
@@ -164,6 +168,8 @@ def _same(a: Any, b: Any) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if getattr(a, "shape", None) != getattr(b, "shape", None):  # arrays: == would broadcast one to the other
+        return False
     try:
         equal = a == b  # an array's == compares elementwise
         return bool(equal.all()) if hasattr(equal, "all") else bool(equal)
@@ -233,11 +239,14 @@ _MISSING = object()
 
 
 def _keeps_no_group_state(optimizer: torch.optim.Optimizer) -> bool:
-    """torch.optim's own step writes per-parameter state alone; a subclass of another module, or a step hook,
-    may write group entries."""
+    """torch.optim's own step writes per-parameter state alone; a subclass of another module, a step hook, or
+    a step set on the instance (a wrapper; an LR scheduler's, which only counts calls, aside) may write group
+    entries."""
     hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
              torch_optimizer._global_optimizer_pre_hooks, torch_optimizer._global_optimizer_post_hooks)
-    return type(optimizer).__module__.startswith("torch.optim.") and not any(hooks)
+    own = vars(optimizer).get("step")
+    return (type(optimizer).__module__.startswith("torch.optim.") and not any(hooks)
+            and (own is None or hasattr(own, "_wrapped_by_lr_sched")))
 
 
 class Rollback:
