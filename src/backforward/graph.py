@@ -561,9 +561,6 @@ def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ..
 def _keep(value: Any, *, copy: bool) -> tuple[Any, tuple[int, ...]]:
     """Detached (copied, for a value a module modifies in place), with its ``requires_grad`` flag (modules
     choose kernels by it), and its version counters."""
-    if isinstance(value, torch.Tensor):  # the common case, without pytree's walk
-        kept = _detach(value, copy)
-        return kept, (kept._version,)
     kept = _map_tensors(functools.partial(_detach, copy=copy), value)
     return kept, _versions(kept)
 

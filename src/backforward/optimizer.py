@@ -216,13 +216,12 @@ class Backforward(torch.optim.Optimizer):
         read the host, so no rollback copy, finiteness check or group-level state replay (``cuda_graphs``)."""
         _check_order(self.order)
         reverse = self.order == "reverse"
-        named = self._stage_spec is None or isinstance(self._stage_spec, str)
         forward = list(range(len(plan.stages)))
         scaler = self._scaler()
         setup = StepSetup(
             stages=list(plan.stages), parameters=plan.parameters,
             # Named stages follow this step's data flow, read from its first pass (a fast pass needs it known).
-            order=None if named and follow_graph else (forward[::-1] if reverse else forward),
+            order=None if self._named_stages and follow_graph else (forward[::-1] if reverse else forward),
             reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
             reduce=self._reducer(), grad_scaler=scaler, scaler_views=plan.scaler_views,
@@ -274,9 +273,8 @@ class Backforward(torch.optim.Optimizer):
         generic engine runs those, reading the order.
         """
         graph = self._graph(inputs) if not any(t.requires_grad for t in _tensors(inputs)) else None
-        named = self._stage_spec is None or isinstance(self._stage_spec, str)
         known = plan.ordered and graph is not None and (
-            plan.order_read_with is graph or (graph.kind == "chain" and not named))
+            plan.order_read_with is graph or (graph.kind == "chain" and not self._named_stages))
         plan.order_read_with = graph
         if not known:
             return None
@@ -318,11 +316,16 @@ class Backforward(torch.optim.Optimizer):
             stages = find_stages(self.model, trainable, self._stage_spec)
             held = {id(p) for g in groups for p in g["params"]}
             unheld = [p for p in self.model.parameters() if p.requires_grad and id(p) not in held]
-            ordered = not (self._stage_spec is None or isinstance(self._stage_spec, str))
+            ordered = not self._named_stages
             self._plan = _Plan(key, stages, ordered, unheld, StageUpdate(self.base_optimizer, stages),
                                {id(s): _GradView(s.params) for s in stages},
                                frozenset(parameter_names(self.model)))
         return self._plan
+
+    @property
+    def _named_stages(self) -> bool:
+        """Stages found by a granularity ("module", "child", "depth:N"): their order is the data flow, read."""
+        return self._stage_spec is None or isinstance(self._stage_spec, str)
 
     def _check_held(self, groups: list[dict[str, Any]], trainable_only: bool = False) -> None:
         names = parameter_names(self.model)

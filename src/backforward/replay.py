@@ -138,9 +138,7 @@ class Replay:
 
 
 def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
-    # Immutable values (lr, flags: nearly every entry) are their own copies, and are kept without a call.
-    return {key: value if type(value) in _IMMUTABLE else _copy(value) for key, value in group.items()
-            if key != "params"}
+    return {key: _copy(value) for key, value in group.items() if key != "params"}
 
 
 def _changed_keys(before: dict[str, Any], group: dict[str, Any]) -> list[str]:
