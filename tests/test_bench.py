@@ -1,12 +1,13 @@
 """The benchmark's arithmetic, memory accounting and output (no timing is asserted here)."""
 
+import copy
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from backforward import Backforward
+from backforward import Backforward, reference_step
 from backforward.experiments.bench import (
     PROCESSES,
     BenchModel,
@@ -17,6 +18,7 @@ from backforward.experiments.bench import (
     bench_model,
     check_targets,
     ddp_buckets,
+    hand_written_step,
     ring_allreduce,
     scaling,
     step_time,
@@ -182,6 +184,35 @@ def test_target_lines_name_the_model_depth_and_the_bound():
         "mlp8x512, depth 8, 3 stages: fast at least 2.0x faster than the paper's loop (lower bound only): 3.33x "
         "(the measured-cost model predicts 3.00x)": True,
     }
+    by_hand = [record("mlp8x512", 8, "by hand", 40, 3.0)]
+    lines = [what for _, what in check_targets(records + by_hand)]
+    assert lines[-1].endswith("3.33x (the measured-cost model predicts 3.00x; written by hand with no bookkeeping: "
+                              "2.50x)")
+    assert len(lines) == 7  # the row by hand is no target of its own
+
+
+def test_the_algorithm_written_by_hand_is_backforward():
+    """The bench's floor (no bookkeeping) computes what the reference computes: the same algorithm, not a cheaper
+    one, so the engines' time over its time is bookkeeping."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    stages = [list(model[i].parameters()) for i in (0, 2, 4)]
+    ref_stages = [list(ref[i].parameters()) for i in (0, 2, 4)]
+    step = hand_written_step(model, stages, x, y, lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for _ in range(3):
+        step()
+        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters(), strict=True))
+
+
+def backward(loss):
+    loss.backward()
+    return loss
 
 
 def test_bench_command_json_and_figure_under_out(tmp_path, capsys):
@@ -195,7 +226,7 @@ def test_bench_command_json_and_figure_under_out(tmp_path, capsys):
          "overhead_ms_per_pass")))}
     assert [(r["method"], r["engine"]) for r in rows] == [("sgd", "torch"), ("paper", "reference"),
                                                           ("generic", "generic"), ("fast", "chain"),
-                                                          ("fast", "chain")]
+                                                          ("fast", "chain"), ("by hand", "chain")]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -6,7 +6,7 @@
         every pass sees the step's start: random numbers, buffers       Replay
         loss, G'_k = the pass (forward, backward restricted to stage k)  run_pass, StageGradients
         G'_k averaged over processes, unscaled (AMP), clipped            prepare_gradients
-        θ_k ← base update with G'_k alone; θ_k saved first              update, Rollback
+        θ_k ← base update with G'_k alone (all θ copied first)           update, Rollback
 
 A pass is a function that computes the loss and its backward: the user's closure run
 whole (the generic engine, any ``nn.Module``), or a fast pass that recomputes only what
@@ -17,6 +17,7 @@ runs, and the backward of pass k computes stage k's weight gradients alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -206,7 +207,7 @@ class StageGradients:
         self.calls += 1
         if not (first or self.user_leaves):
             return []
-        scan = scan_graph(roots)
+        scan = scan_graph(roots, first_use=self.order is None)  # where leaves enter: for the order alone
         if first:
             self.whole = scan.hides_parameters
             if self.order is None:
@@ -288,11 +289,15 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     losses: list[torch.Tensor] = []  # on the loss's device: no host read in between
     finite_grads: list[torch.Tensor] = []
     skipped = False
+    # As LBFGS runs its closure: a step inside no_grad() still trains.
+    with_grad = contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
     try:
+        if setup.rollback or not keep or setup.grad_scaler is not None:
+            undo.save(params)
         for j in range(len(stages)):
             replay.before_pass(j)
             gradients.begin(j)
-            with torch.enable_grad():  # as LBFGS runs its closure: a step inside no_grad() still trains
+            with with_grad:
                 loss = run_pass(j, gradients)
             k = gradients.finish(loss)
             replay.after_pass(j)
@@ -303,8 +308,6 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             del loss  # the parts of its graph the restricted backward did not run would live on into the next pass
             losses.append(value)
             measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
-            if setup.rollback or not keep or setup.grad_scaler is not None:
-                undo.save(stage.params)
             if groups is not None:
                 groups.before_update(j)
             setup.update(stage)

@@ -63,7 +63,7 @@ class Backforward(torch.optim.Optimizer):
             ``grad_scaler.update()`` after each step.
         check_finite: raise ``FloatingPointError`` (the step undone) if a pass loss is not
             finite; costs one host-device synchronisation per step.
-        rollback: copy each stage's parameters and optimizer state before its update, so a
+        rollback: copy the stages' parameters and optimizer state as each step begins, so a
             step that fails is undone (the copies, one of each, are kept from step to step).
         process_group: average each stage's gradients over this ``torch.distributed``
             group after each pass (default: the world group when initialised).

@@ -248,11 +248,14 @@ def _keeps_no_group_state(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class Rollback:
-    """Copies of what a step moves, each taken just before it moves, to undo a step that fails.
+    """A copy of what a step moves, taken as it begins, to undo a step that fails.
 
-    Memory: one copy of each updated stage's parameters and base-optimizer state, written into
-    ``store`` and kept there from step to step (copying into the same tensors each step costs no
-    allocation; a fresh copy of a large tensor each step costs page faults on a CPU).
+    Every stage's parameters and base-optimizer state are copied at once before the first
+    pass (one pass over them, not one per stage; a failed step puts back the values it began
+    with, also where the closure changed a parameter in place before its stage moved). Memory:
+    one copy of each, written into ``store`` and kept there from step to step (copying into the
+    same tensors each step costs no allocation; a fresh copy of a large tensor each step costs
+    page faults on a CPU).
     """
 
     def __init__(self, state: dict | None, store: dict[tuple[int, str | None], torch.Tensor]):
@@ -262,11 +265,12 @@ class Rollback:
         self.states: list[tuple[torch.Tensor, dict | None]] = []
 
     def save(self, params: Sequence[torch.Tensor]) -> None:
-        for p in params:
-            self.params.append((p, self._kept(p, None, p)))
-            if self.state is not None:
-                saved = self.state.get(p)
-                self.states.append((p, saved and {k: self._kept(p, k, v) for k, v in saved.items()}))
+        with torch.no_grad():
+            for p in params:
+                self.params.append((p, self._kept(p, None, p)))
+                if self.state is not None:
+                    saved = self.state.get(p)
+                    self.states.append((p, saved and {k: self._kept(p, k, v) for k, v in saved.items()}))
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -284,6 +288,6 @@ class Rollback:
         if not isinstance(value, torch.Tensor):
             return _copy(value)
         slot = self.store.get((id(p), key))
-        if slot is None or (slot.shape, slot.dtype, slot.device) != (value.shape, value.dtype, value.device):
+        if slot is None or slot.shape != value.shape or slot.dtype != value.dtype or slot.device != value.device:
             slot = self.store[(id(p), key)] = torch.empty_like(value)
-        return slot.copy_(value.detach())  # detached: no graph is recorded, no_grad() not needed
+        return slot.copy_(value)

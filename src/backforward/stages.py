@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.utils.checkpoint import CheckpointFunction
 
 Granularity = str  # "module", "child" or "depth:N"
@@ -155,8 +156,9 @@ class GraphScan:
     hides_parameters: bool             # a reentrant checkpoint: its parameters are not edges of the graph
 
 
-def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
-    """Walk the graph from ``roots`` once: first use of each leaf, and whether any node hides leaves."""
+def scan_graph(roots: Sequence[torch.Tensor], *, first_use: bool = True) -> GraphScan:
+    """Walk the graph from ``roots`` once: its leaves, whether any node hides leaves, and (``first_use``)
+    where each leaf is first consumed."""
     first: dict[int, int] = {}
     leaves: dict[int, torch.Tensor] = {}
     hides = False
@@ -167,18 +169,23 @@ def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
         if node in seen:
             continue
         seen.add(node)
-        hides = hides or getattr(node, "_forward_cls", None) is CheckpointFunction
-        order = node._sequence_nr()
+        if isinstance(node, BackwardCFunction):  # a Python autograd.Function's node
+            hides = hides or node._forward_cls is CheckpointFunction
+        order = node._sequence_nr() if first_use else 0
         for child, _ in node.next_functions:
             if child is None:
                 continue
-            leaf = getattr(child, "variable", None)
-            if leaf is not None:
-                first[id(leaf)] = min(first.get(id(leaf), order), order)
+            if type(child) is _AccumulateGrad:
+                leaf = child.variable
+                if first_use:
+                    first[id(leaf)] = min(first.get(id(leaf), order), order)
                 leaves[id(leaf)] = leaf
             else:
                 stack.append(child)
     return GraphScan(first, leaves, hides)
+
+
+_AccumulateGrad = torch._C._functions.AccumulateGrad  # the node that puts a gradient into a leaf
 
 
 def data_flow_order(stages: Sequence[Stage], scan: GraphScan) -> list[int]:
