@@ -13,6 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from backforward import Backforward, reference_step
+from backforward.graph import model_graph, recompute_sets
+from backforward.stages import Stage
 
 F = nn.functional
 CALLS: list[str] = []
@@ -218,6 +220,53 @@ def test_and_and_or_of_values_others_read_stay_on_the_graph_engine():
     torch.manual_seed(0)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     assert twin_steps(Masks().double(), F.cross_entropy, x, y, steps=3, quiet=False) == ["generic", "graph", "graph"]
+
+
+class DunderMasks(nn.Module):
+    """``torch._VF.__and__`` and ``__or__``: recorded as function calls whose names start and end with "_", as a
+    dunder's do, that return a new value; on masks that other operations read too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        positive, small = h > 0, h.abs() < 1
+        both, either = torch._VF.__and__(positive, small), torch._VF.__or__(positive, small)
+        return self.b(h * both + h * either + h * positive + h * small)
+
+
+def test_dunder_functions_of_values_others_read_stay_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(DunderMasks().double(), F.cross_entropy, x, y, steps=3, quiet=False) == ["generic", "graph",
+                                                                                             "graph"]
+
+
+class PrivateInPlace(nn.Module):
+    """torch's private in-place function on a value another op reads too: which value that op sees depends on
+    when it runs, which a graph of values does not record."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        g = h * 2
+        torch._index_put_impl_(h, (torch.tensor([0]),), torch.tensor(0.5, dtype=h.dtype), False, False)
+        return self.b(h + g)
+
+
+def test_a_private_in_place_function_on_a_value_others_read_is_refused():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engines = twin_steps(PrivateInPlace().double(), F.cross_entropy, x, y, steps=2, quiet=False)
+    assert engines == ["generic", "generic"]
+    assert any("in place" in str(w.message) for w in caught)
 
 
 class Untraceable(nn.Module):
@@ -1376,3 +1425,93 @@ def test_a_buffer_holding_nan_is_not_taken_for_one_that_tracing_changed():
     for _ in range(3):
         opt.step_batch(x, y, F.cross_entropy)
     assert opt._engine == "graph"
+
+
+# ---- what the graph records: buffers, the values autograd saves, what a pass recomputes ----
+
+class ScaledAndShifted(nn.Module):
+    """A learnable scale (a parameter) and an offset (a buffer), both read by attribute in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.register_buffer("offset", torch.ones(3))
+
+    def forward(self, x):
+        return self.a(x) * self.scale + self.offset
+
+
+def test_a_parameter_read_by_attribute_is_not_taken_for_a_buffer():
+    # Ops touching the same buffer are recomputed together; a parameter taken for one would tie ops for nothing.
+    model = ScaledAndShifted()
+    graph = model_graph(model, torch.randn(5, 4))
+    reads = {name: [op for op in graph.ops if any(graph.ops[r].name == name for r in op.reads)]
+             for name in ("scale", "offset")}
+    assert [op.buffers for op in reads["scale"]] == [()]
+    assert [op.buffers for op in reads["offset"]] == [(id(model.offset),)]
+    assert {b for op in graph.ops for b in op.buffers} == {id(model.offset)}
+
+
+class ViewsTheBatchLast(nn.Module):
+    """Reads a slice of the batch (a view: its memory) after the rest; nothing saves the batch for backward
+    (an addition and a slice save nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(4))
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(torch.tanh(x + self.shift)) + x[:, :3]
+
+
+def test_views_of_the_batch_count_as_saved_values_though_autograd_saves_nothing_of_the_batch():
+    # Keeping a view of the batch for a later pass costs no memory a plain step does not hold.
+    graph = model_graph(ViewsTheBatchLast(), torch.randn(5, 4))
+    names = [op.name for op in graph.ops]
+    assert names.index("getitem") in graph.saved
+    assert names.index("x") in graph.saved
+    assert names.index("add") not in graph.saved  # x + shift: read by tanh, which saves its output, not its input
+
+
+class OneLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def test_a_value_holding_exactly_the_saved_memory_counts_as_saved():
+    # The layer's backward saves the batch alone (its input; the weight's gradient needs it): the batch is saved,
+    # the output is not.
+    graph = model_graph(OneLayer(), torch.randn(5, 4))
+    assert [op.name for op in graph.ops] == ["x", "a", "output"]
+    assert graph.saved == {0}
+
+
+class ReturnsFeatures(nn.Module):
+    """Returns the logits and, computed after them, features of a side branch (as models for a contrastive or
+    auxiliary loss do): the op before the output is not the one carrying the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(4, 5)
+
+    def forward(self, x):
+        logits = self.b(torch.tanh(self.a(x)))
+        features = torch.tanh(self.c(x))
+        return logits, features
+
+
+def test_a_pass_recomputes_only_what_depends_on_its_stages_when_the_output_reads_an_earlier_value():
+    model = ReturnsFeatures()
+    graph = model_graph(model, torch.randn(5, 4))
+    names = [op.name for op in graph.ops]
+    assert names == ["x", "a", "tanh", "b", "c", "tanh_1", "output"]
+    stages = [Stage(name, tuple(getattr(model, name).parameters())) for name in "abc"]
+    # Pass 2 updates b after a moved: a, tanh, b and the output depend on them; c and its tanh (saved by tanh's
+    # backward, so kept from pass 1) do not.
+    assert recompute_sets(graph, stages, [0, 1, 2])[1] == {names.index(n) for n in ("a", "tanh", "b", "output")}

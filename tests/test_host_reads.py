@@ -67,3 +67,24 @@ def test_the_graph_of_a_transformer_step_is_read_without_host_reads():
     with HostReads() as reads:
         opt.step_batch(x, y, case.loss_fn)
     assert reads.calls == []
+
+
+def test_a_step_captured_for_a_cuda_graph_reads_nothing_on_the_host_and_keeps_nothing_to_undo():
+    """What ``CapturedStep`` relies on, checked where it can be without a GPU: a step run for capture makes no
+    finiteness read, no rollback copy and no group-state replay (it refuses optimizers that need one), and
+    does not decide from it whether the model modifies its input."""
+    model, _, x, y = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def count(opt, args, kwargs):  # group-level state a hook keeps: a step outside capture counts it once
+        opt.param_groups[0]["calls"] = opt.param_groups[0].get("calls", 0) + 1
+
+    base.register_step_post_hook(count)
+    opt = Backforward(model, base, stages=[model[0], model[2], model[4]])  # the order is known: the chain runs
+    with HostReads() as reads:
+        opt._run_batch(x, y, F.cross_entropy, capturing=True)
+    assert opt._engine == "chain" and reads.calls == []
+    assert opt._plan.rollback_store == {} and opt._plan.inputs_modified is None
+    assert base.param_groups[0]["calls"] == 3  # not replayed: once per pass
+    opt.step_batch(x, y, F.cross_entropy)
+    assert base.param_groups[0]["calls"] == 4  # outside capture: once per step

@@ -169,6 +169,26 @@ def test_failed_steps_between_good_ones_each_leave_everything_as_it_was():
     assert all(opt.state[p]["momentum_buffer"].data_ptr() not in kept.values() for p in model.parameters())
 
 
+def test_the_rollback_copies_a_parameter_whose_dtype_or_shape_changed_since_the_last_step_exactly():
+    """The rollback's tensors are kept from step to step, one per parameter: a parameter converted to another
+    dtype (``model.double()`` keeps the same Parameter objects) or resized gets a new one, not a lossy copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model.spare = nn.Parameter(torch.zeros(3))  # in no forward: resized below without breaking the model
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=[model[0], model[2], [model.spare]])
+    opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+    model.double()
+    x = x.double()
+    with torch.no_grad():
+        model[0].weight.add_(1e-12)  # a change float32 would round away
+        model.spare.data = torch.arange(5.0, dtype=torch.float64)
+    before = snapshot(model, opt)
+    with pytest.raises(FloatingPointError):
+        opt.step(failing_closures(model, x, y)["non-finite loss"])  # inf in pass 2
+    assert_unchanged(before, model, opt)
+
+
 def test_a_failed_step_puts_back_a_parameter_the_closure_changed_before_its_stage_moved():
     """The rollback restores what the step began with: a closure that scales a later stage's weight in place in
     pass 1 (weight normalisation by hand) and then fails must not leave the scaled weight behind."""
@@ -381,7 +401,16 @@ def test_a_group_entry_the_base_step_leaves_equal_is_not_counted_as_its_state():
     assert changed == [["step"]]  # the counter, not the equal tensor
 
 
-@pytest.mark.parametrize("base, snapshots", [(torch.optim.SGD, 1), (CountingSGD, 2)])
+def sgd_under_a_scheduler(params, lr):
+    """An LR scheduler wraps its optimizer's step on the instance (to check the call order); the wrapper
+    only counts calls, so the step is still torch.optim's own."""
+    opt = torch.optim.SGD(params, lr=lr)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    assert hasattr(vars(opt)["step"], "_wrapped_by_lr_sched")
+    return opt
+
+
+@pytest.mark.parametrize("base, snapshots", [(torch.optim.SGD, 1), (sgd_under_a_scheduler, 1), (CountingSGD, 2)])
 def test_torch_optimizers_own_steps_are_not_watched_for_group_state(base, snapshots):
     # torch.optim's steps write per-parameter state alone: the group entries are copied once a step (for a
     # rollback), not again around the first base step.
@@ -525,6 +554,22 @@ def test_optimizers_that_need_a_closure_are_refused():
     model = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="LBFGS.step needs a closure"):
         Backforward(model, torch.optim.LBFGS(model.parameters()))
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    torch.optim.lr_scheduler.StepLR(lbfgs, step_size=1)  # wraps the step on the instance
+    with pytest.raises(TypeError, match="LBFGS.step needs a closure"):
+        Backforward(model, lbfgs)
+
+
+def test_an_optimizer_an_lr_scheduler_was_attached_to_first_is_accepted():
+    """A scheduler made before the wrapper wraps the base step on the instance (its signature then reads as
+    the unbound function's, self first): that is no closure the step needs."""
+    model, _, x, y = make("mlp3")
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+    opt = Backforward(model, base)
+    opt.step_batch(x, y, F.cross_entropy)
+    scheduler.step()
+    assert base.param_groups[0]["lr"] == 0.05 and scheduler.last_epoch == 1
 
 
 def test_model_on_the_meta_device_is_refused_in_one_line():
@@ -1737,3 +1782,122 @@ def test_arrays_of_another_shape_in_a_group_entry_are_not_equal():
     assert not replay._same(np.array([5.0]), np.array([5.0, 5.0]))
     assert not replay._same(np.zeros(0), np.array([7.0]))
     assert replay._same(np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+
+
+# ---- CUDA random number generators, without a GPU (stand-ins for torch.cuda's functions) ----
+
+class FakeCudaGenerators:
+    """torch.cuda's generator functions replaced: what is read, and what is set back."""
+
+    def __init__(self, monkeypatch, *, available=True, initialized=True, capturing=False):
+        self.set_calls = []
+        self.reads = 0
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", self.read)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.set_calls.append)
+
+    def read(self):
+        self.reads += 1
+        return [f"cuda generator state {self.reads}"]
+
+
+def test_every_pass_sees_the_cuda_generators_the_step_started_with(monkeypatch):
+    """Dropout on a GPU draws from the CUDA generators: where CUDA is in use, the step reads them at its start
+    and after its first pass, sets them back before every later pass and leaves them as after the first."""
+    model, x, y = small_mlp()
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    cuda = FakeCudaGenerators(monkeypatch)
+    opt.step(lambda: backward(F.cross_entropy(model(x), y)))
+    start, after_first = ["cuda generator state 1"], ["cuda generator state 2"]
+    assert cuda.set_calls == [start, start, after_first]  # before passes 2 and 3, then the end of the step
+    snapshot = replay.rng_snapshot()
+    replay.rng_restore(snapshot)
+    assert snapshot[1] == ["cuda generator state 3"] and cuda.set_calls[-1] == snapshot[1]
+
+
+def test_cuda_generators_are_left_alone_where_cuda_is_not_in_use_or_a_graph_is_being_captured(monkeypatch):
+    # Reading them would initialise CUDA for a CPU model; during a CUDA graph capture they cannot be read.
+    for initialized, capturing in ((False, False), (True, True)):
+        cuda = FakeCudaGenerators(monkeypatch, initialized=initialized, capturing=capturing)
+        snapshot = replay.rng_snapshot()
+        replay.rng_restore(snapshot)
+        assert snapshot[1] is None and cuda.reads == 0 and cuda.set_calls == []
+
+
+def test_the_reference_replays_the_cuda_generators_where_cuda_is_in_use(monkeypatch):
+    model, x, y = small_mlp()
+    stages = [list(model[i].parameters()) for i in (0, 2, 4)]
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    cuda = FakeCudaGenerators(monkeypatch)
+    reference_step(model, base, stages, lambda: backward(F.cross_entropy(model(x), y)))
+    start, after_first = ["cuda generator state 1"], ["cuda generator state 2"]
+    assert cuda.set_calls == [start, start, start, after_first]
+    # Available but not initialised (a CPU model on a machine with a GPU): nothing read, nothing set.
+    cuda = FakeCudaGenerators(monkeypatch, initialized=False)
+    reference_step(model, base, stages, lambda: backward(F.cross_entropy(model(x), y)))
+    assert cuda.reads == 0 and cuda.set_calls == []
+
+
+def test_the_reference_refuses_a_parameter_group_the_closure_adds_before_the_pass_updates_anything():
+    """The definition has no meaning for groups that appear mid-step: the reference raises in the pass whose
+    closure added one, before that pass's update (stage 2 keeps its weights), not later."""
+    model, x, y = small_mlp()
+    stages = [list(model[i].parameters()) for i in (0, 2, 4)]
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            base.add_param_group({"params": [torch.zeros(1, requires_grad=True)]})
+        return backward(F.cross_entropy(model(x), y))
+
+    second = [p.detach().clone() for p in stages[1]]
+    with pytest.raises(ValueError):
+        reference_step(model, base, stages, closure)
+    assert len(calls) == 2 and all(torch.equal(p, q) for p, q in zip(stages[1], second, strict=True))
+
+
+class ScalesItsInputWhenAsked(nn.Module):
+    """Multiplies step_batch's input by one in place in the first forward after ``scale_next`` is set (a branch
+    on the input's values keeps fx from tracing it, so no trial forward takes the request)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.scale_next = False
+
+    def forward(self, x):
+        if self.scale_next and bool(torch.isfinite(x).all()):
+            x.mul_(1.0)
+            self.scale_next = False
+        return self.layers(x)
+
+
+@pytest.mark.filterwarnings("ignore:backforward")  # the generic engine, once the branch refuses tracing
+def test_an_input_put_back_once_is_not_copied_again_unless_modified_again():
+    torch.manual_seed(0)
+    model = ScalesItsInputWhenAsked()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)  # the model left its input alone: no copy is kept from now on
+    model.scale_next = True
+    with pytest.raises(RuntimeError, match="modified its input in place"):
+        opt.step_batch(x, y, F.cross_entropy)
+    for _ in range(2):  # a copy is kept again
+        model.scale_next = True
+        version = x._version
+        opt.step_batch(x, y, F.cross_entropy)
+        assert x._version - version == 2  # the model's mul_ in pass 1, one copy back before pass 2, none after
+
+
+def test_clipping_without_the_meter_copies_no_gradient():
+    """The gradients the step reports as measured are the stages' own (clipped in place): a copy of every
+    gradient per pass is made only for the meter, which compares them before clipping."""
+    model, x, y = small_mlp()
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=0.01)
+    result = opt._run_batch(x, y, F.cross_entropy)
+    measured = {id(g) for grads in result.measured_grads.values() for g in grads}
+    assert measured == {id(p.grad) for p in model.parameters()}

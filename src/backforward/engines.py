@@ -17,7 +17,6 @@ runs, and the backward of pass k computes stage k's weight gradients alone.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
@@ -289,15 +288,13 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     losses: list[torch.Tensor] = []  # on the loss's device: no host read in between
     finite_grads: list[torch.Tensor] = []
     skipped = False
-    # As LBFGS runs its closure: a step inside no_grad() still trains.
-    with_grad = contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
     try:
         if setup.rollback or not keep or setup.grad_scaler is not None:
             undo.save(params)
         for j in range(len(stages)):
             replay.before_pass(j)
             gradients.begin(j)
-            with with_grad:
+            with torch.enable_grad():  # as LBFGS runs its closure: a step inside no_grad() still trains
                 loss = run_pass(j, gradients)
             k = gradients.finish(loss)
             replay.after_pass(j)

@@ -171,14 +171,13 @@ class _Tracer(fx.Tracer):
 class _Proxy(fx.Proxy):
     """fx's Proxy records ``x += y`` as ``x = x + y``; a tensor adds in place, and so must the graph."""
 
-
-def _inplace(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
-    return lambda self, other: self.tracer.create_proxy("call_function", op, (self, other), {})
+    def _inplace(self, op: Callable[[Any, Any], Any], other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
 
 
 for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
               "rshift"):
-    setattr(_Proxy, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
+    setattr(_Proxy, f"__i{_name}__", functools.partialmethod(_Proxy._inplace, getattr(operator, f"i{_name}")))
 
 
 _INPLACE_FUNCTIONS = {getattr(operator, f"i{name}") for name in (
@@ -193,8 +192,9 @@ def _modifies_first_argument(model: nn.Module, node: fx.Node) -> bool:
         return str(node.target).endswith("_") and not str(node.target).startswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        # operator.and_ and operator.or_ (``a & b``, ``a | b``) end with "_" but return a new value
-        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")
+        # operator.and_ and operator.or_ (``a & b``, ``a | b``) end with "_" but return a new value, as dunders
+        # (``__and__``) do; torch's private in-place functions (``torch._index_put_impl_``) change their argument.
+        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("__")
                                                      and getattr(node.target, "__module__", None) != "_operator")
     if node.op == "call_module":
         return getattr(model.get_submodule(str(node.target)), "inplace", False) is True

@@ -434,6 +434,8 @@ def _check_order(order: str) -> None:
 
 
 def _step_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
-    parameters = list(inspect.signature(optimizer.step).parameters.values())
+    """Whether the class's step takes a required argument besides self (an LR scheduler's wrapper on the
+    instance would read as the unbound function's signature)."""
+    parameters = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
     return any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                for p in parameters)

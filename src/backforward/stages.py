@@ -156,7 +156,7 @@ class GraphScan:
     hides_parameters: bool             # a reentrant checkpoint: its parameters are not edges of the graph
 
 
-def scan_graph(roots: Sequence[torch.Tensor], *, first_use: bool = True) -> GraphScan:
+def scan_graph(roots: Sequence[torch.Tensor], *, first_use: bool) -> GraphScan:
     """Walk the graph from ``roots`` once: its leaves, whether any node hides leaves, and (``first_use``)
     where each leaf is first consumed."""
     first: dict[int, int] = {}
