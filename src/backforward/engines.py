@@ -206,7 +206,7 @@ class StageGradients:
         self.calls += 1
         if not (first or self.user_leaves):
             return []
-        scan = scan_graph(roots, first_use=self.order is None)  # where leaves enter: for the order alone
+        scan = scan_graph(roots)
         if first:
             self.whole = scan.hides_parameters
             if self.order is None:

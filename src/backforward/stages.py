@@ -156,9 +156,8 @@ class GraphScan:
     hides_parameters: bool             # a reentrant checkpoint: its parameters are not edges of the graph
 
 
-def scan_graph(roots: Sequence[torch.Tensor], *, first_use: bool) -> GraphScan:
-    """Walk the graph from ``roots`` once: its leaves, whether any node hides leaves, and (``first_use``)
-    where each leaf is first consumed."""
+def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
+    """Walk the graph from ``roots`` once: first use of each leaf, and whether any node hides leaves."""
     first: dict[int, int] = {}
     leaves: dict[int, torch.Tensor] = {}
     hides = False
@@ -171,14 +170,13 @@ def scan_graph(roots: Sequence[torch.Tensor], *, first_use: bool) -> GraphScan:
         seen.add(node)
         if isinstance(node, BackwardCFunction):  # a Python autograd.Function's node
             hides = hides or node._forward_cls is CheckpointFunction
-        order = node._sequence_nr() if first_use else 0
+        order = node._sequence_nr()
         for child, _ in node.next_functions:
             if child is None:
                 continue
             if type(child) is _AccumulateGrad:
                 leaf = child.variable
-                if first_use:
-                    first[id(leaf)] = min(first.get(id(leaf), order), order)
+                first[id(leaf)] = min(first.get(id(leaf), order), order)
                 leaves[id(leaf)] = leaf
             else:
                 stack.append(child)
