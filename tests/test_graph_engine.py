@@ -4,6 +4,7 @@ Exactness on the models researchers train is in test_awkward_models.py (every ca
 """
 
 import contextlib
+import operator
 import warnings
 
 import pytest
@@ -202,46 +203,29 @@ def test_views_of_the_batch_are_not_counted_as_kept_values():
 
 
 class Masks(nn.Module):
-    """``a & b`` and ``a | b`` (operator.and_, operator.or_: names ending in "_" that return a new value) on
-    masks that other operations read too."""
+    """Masks combined by functions whose names end in "_" but that return a new value, on masks other
+    operations read too: ``a & b`` and ``a | b`` (operator.and_, operator.or_), or torch._VF.__and__ and
+    __or__ (recorded as function calls whose names start and end with "_", as a dunder's do)."""
 
-    def __init__(self):
+    def __init__(self, and_=operator.and_, or_=operator.or_):
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.and_, self.or_ = and_, or_
 
     def forward(self, x):
         h = self.a(x)
         positive, small = h > 0, h.abs() < 1
-        both, either = positive & small, positive | small
+        both, either = self.and_(positive, small), self.or_(positive, small)
         return self.b(h * both + h * either + h * positive + h * small)
 
 
-def test_and_and_or_of_values_others_read_stay_on_the_graph_engine():
+@pytest.mark.parametrize("and_, or_", [(operator.and_, operator.or_), (torch._VF.__and__, torch._VF.__or__)],
+                         ids=["operators", "dunders"])
+def test_and_and_or_of_values_others_read_stay_on_the_graph_engine(and_, or_):
     torch.manual_seed(0)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    assert twin_steps(Masks().double(), F.cross_entropy, x, y, steps=3, quiet=False) == ["generic", "graph", "graph"]
-
-
-class DunderMasks(nn.Module):
-    """``torch._VF.__and__`` and ``__or__``: recorded as function calls whose names start and end with "_", as a
-    dunder's do, that return a new value; on masks that other operations read too."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        h = self.a(x)
-        positive, small = h > 0, h.abs() < 1
-        both, either = torch._VF.__and__(positive, small), torch._VF.__or__(positive, small)
-        return self.b(h * both + h * either + h * positive + h * small)
-
-
-def test_dunder_functions_of_values_others_read_stay_on_the_graph_engine():
-    torch.manual_seed(0)
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    assert twin_steps(DunderMasks().double(), F.cross_entropy, x, y, steps=3, quiet=False) == ["generic", "graph",
-                                                                                             "graph"]
+    engines = twin_steps(Masks(and_, or_).double(), F.cross_entropy, x, y, steps=3, quiet=False)
+    assert engines == ["generic", "graph", "graph"]
 
 
 class PrivateInPlace(nn.Module):
