@@ -303,6 +303,39 @@ def test_untraceable_models_fall_back_to_the_generic_engine_saying_why_once(kind
     assert len(said) == 1 and reason in said[0] and "\n" not in said[0], said
 
 
+def test_the_fallback_warning_points_at_the_first_frame_outside_the_library(monkeypatch):
+    """Where the warning points, as a property of the stack when it is raised: every frame up to the one it
+    names is the library's (or torch.optim's, which calls the step), that one is not. (Unlike the test below,
+    this holds under mutation testing too, whose tool puts frames of its own between the library's functions.)"""
+    import os
+    import sys
+
+    import backforward.optimizer
+
+    raised = []
+    real = warnings.warn
+
+    def recording(message, category=None, stacklevel=1, **kwargs):
+        if str(message).startswith("backforward:"):
+            frame, files = sys._getframe(1), []
+            while frame is not None:
+                files.append(frame.f_code.co_filename)
+                frame = frame.f_back
+            raised.append((stacklevel, files))
+        return real(message, category, stacklevel + 1, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", recording)
+    model = Untraceable("control flow")
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bf.step_batch(torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
+    (level, files), = raised
+    inside = (os.path.dirname(backforward.optimizer.__file__), os.path.dirname(torch.optim.__file__))
+    assert all(f.startswith(inside) for f in files[:level - 1]) and not files[level - 1].startswith(inside)
+    assert level > 2  # the library's own frames are passed over
+
+
 def test_the_fallback_warning_points_at_the_callers_step_batch():
     # Apart from the test above: under mutation testing (mutmut) the library's calls pass through
     # frames of the tool, so the mutation run leaves this one out (see pyproject's [tool.mutmut]).

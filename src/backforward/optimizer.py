@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -301,7 +303,7 @@ class Backforward(torch.optim.Optimizer):
                 self._graphs[key] = None
                 if not any(g is None for k, g in self._graphs.items() if k != key):
                     warnings.warn(f"backforward: step_batch runs the generic engine on {type(self.model).__name__}: "
-                                  f"{reason}", stacklevel=_outside_this_package())
+                                  f"{reason}", stacklevel=_outside_this_package(sys._getframe()))
         return self._graphs[key]
 
     def _current_plan(self) -> _Plan:
@@ -416,13 +418,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _outside_this_package() -> int:
-    """The stack level of the first caller outside backforward and torch.optim (for a warning to point at)."""
-    import os
-    import sys
-
+def _outside_this_package(frame: Any) -> int:
+    """The stack level, counted from ``frame`` (the one calling ``warnings.warn``: level 1), of the first frame
+    outside backforward and torch.optim (for a warning to point at the user's call)."""
     inside = (os.path.dirname(__file__), os.path.dirname(torch.optim.__file__))
-    level, frame = 1, sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         level, frame = level + 1, frame.f_back
     return level
