@@ -372,7 +372,10 @@ def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, met
         if present:
             finite.append(torch.stack([torch.isfinite(g).all() for g in present]).all())
         if others:
-            inverse = setup.grad_scaler.scale(torch.ones((), device=loss.device)).reciprocal()
+            # The reciprocal of the scale the closure's scale() used, as GradScaler.unscale_ multiplies stage k's
+            # gradients by (it divides in float64 first: the same float32, as double rounding of a quotient
+            # through 53 bits is exact for 24-bit operands).
+            inverse = setup.grad_scaler._scale.reciprocal()
             for g in others:
                 g.mul_(inverse)
     clip = setup.max_grad_norm is not None
