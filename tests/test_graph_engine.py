@@ -228,29 +228,61 @@ def test_and_and_or_of_values_others_read_stay_on_the_graph_engine(and_, or_):
     assert engines == ["generic", "graph", "graph"]
 
 
-class PrivateInPlace(nn.Module):
-    """torch's private in-place function on a value another op reads too: which value that op sees depends on
-    when it runs, which a graph of values does not record."""
+IN_PLACE = {
+    "private function": lambda h: torch._index_put_impl_(h, (torch.tensor([0]),), torch.tensor(0.5, dtype=h.dtype),
+                                                          False, False),
+    "list argument": lambda h: torch._foreach_mul_([h], 3.0),
+    "__setitem__ called": lambda h: h.__setitem__((slice(None), 0), 5.0),
+    "through a view": lambda h: h[:, :2].mul_(3.0),
+    "through a view of a view": lambda h: h.view(-1).view(5, 6)[:, 1].add_(1.0),
+}
 
-    def __init__(self):
+
+class ChangesInPlace(nn.Module):
+    """An in-place change to a value another op reads too, in one of the ways of IN_PLACE: which value that op
+    sees depends on when it runs, which a graph of values does not record."""
+
+    def __init__(self, kind):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+        self.change = IN_PLACE[kind]
 
     def forward(self, x):
         h = self.a(x)
-        g = h * 2
-        torch._index_put_impl_(h, (torch.tensor([0]),), torch.tensor(0.5, dtype=h.dtype), False, False)
-        return self.b(h + g)
+        y = self.b(h * 2.0)  # reads h before the change
+        self.change(h)
+        return self.c(h) + y
 
 
-def test_a_private_in_place_function_on_a_value_others_read_is_refused():
+@pytest.mark.parametrize("kind", list(IN_PLACE))
+def test_an_in_place_change_to_a_value_others_read_is_refused_however_it_is_made(kind):
     torch.manual_seed(0)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engines = twin_steps(PrivateInPlace().double(), F.cross_entropy, x, y, steps=2, quiet=False)
-    assert engines == ["generic", "generic"]
+        engines = twin_steps(ChangesInPlace(kind).double(), F.cross_entropy, x, y, steps=3, quiet=False)
+    assert engines == ["generic"] * 3  # and equal to step(closure) after every step (twin_steps)
     assert any("in place" in str(w.message) for w in caught)
+
+
+def test_values_a_module_or_an_op_makes_afresh_may_be_changed_in_place():
+    """The refusal follows views only: a value a module with parameters or a computing op made is new memory,
+    so changing it in place when nothing else reads it keeps the graph engine (ResNet's ``out += identity``)."""
+
+    class Fresh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            g, k = h * 2.0, h + 1.0  # both read h; g is new memory
+            g = g.mul_(3.0)
+            return self.b(g + k)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    assert twin_steps(Fresh().double(), F.cross_entropy, x, y, steps=3, quiet=False) == ["generic", "graph", "graph"]
 
 
 class Untraceable(nn.Module):
@@ -331,8 +363,27 @@ def test_the_fallback_warning_points_at_the_first_frame_outside_the_library(monk
         warnings.simplefilter("ignore")
         bf.step_batch(torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
     (level, files), = raised
-    inside = (os.path.dirname(backforward.optimizer.__file__), os.path.dirname(torch.optim.__file__))
+    inside = tuple(os.path.join(os.path.dirname(path), "") for path in (backforward.optimizer.__file__,
+                                                                       torch.optim.__file__))
     assert all(f.startswith(inside) for f in files[:level - 1]) and not files[level - 1].startswith(inside)
+
+
+def test_the_fallback_warning_points_at_a_caller_in_a_folder_named_like_the_package():
+    """A user's ``backforward_examples/train.py`` beside the package is not the package (a prefix of a path is
+    not its folder). Left out of the mutation run, as the test below."""
+    import os
+
+    import backforward
+
+    path = os.path.dirname(backforward.__file__) + "_examples/train.py"
+    namespace: dict = {}
+    exec(compile("def train(bf, x, y, loss_fn):\n    bf.step_batch(x, y, loss_fn)\n", path, "exec"), namespace)
+    model = Untraceable("control flow")
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        namespace["train"](bf, torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
+    assert [(w.filename, w.lineno) for w in caught] == [(path, 2)]
 
 
 def test_the_fallback_warning_points_at_the_callers_step_batch():

@@ -558,6 +558,10 @@ def test_optimizers_that_need_a_closure_are_refused():
     torch.optim.lr_scheduler.StepLR(lbfgs, step_size=1)  # wraps the step on the instance
     with pytest.raises(TypeError, match="LBFGS.step needs a closure"):
         Backforward(model, lbfgs)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.step = lambda closure: torch.optim.SGD.step(sgd, closure)  # the step Backforward would call needs one
+    with pytest.raises(TypeError, match="SGD.step needs a closure"):
+        Backforward(model, sgd)
 
 
 def test_an_optimizer_an_lr_scheduler_was_attached_to_first_is_accepted():

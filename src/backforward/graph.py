@@ -175,41 +175,63 @@ class _Proxy(fx.Proxy):
         return self.tracer.create_proxy("call_function", op, (self, other), {})
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
-              "rshift"):
+_INPLACE_OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
+                      "rshift")
+for _name in _INPLACE_OPERATORS:
     setattr(_Proxy, f"__i{_name}__", functools.partialmethod(_Proxy._inplace, getattr(operator, f"i{_name}")))
 
-
-_INPLACE_FUNCTIONS = {getattr(operator, f"i{name}") for name in (
-    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift", "rshift")}
+_INPLACE_FUNCTIONS = {getattr(operator, f"i{name}") for name in _INPLACE_OPERATORS} | {operator.setitem,
+                                                                                    operator.delitem}
+_INPLACE_DUNDERS = {f"__i{name}__" for name in _INPLACE_OPERATORS} | {"__setitem__", "__delitem__"}
 
 
 def _modifies_first_argument(model: nn.Module, node: fx.Node) -> bool:
-    """Whether the call changes its first argument in place (``x.relu_()``, ``x += y``, ``inplace=True``)."""
+    """Whether the call changes its first argument in place (``x.relu_()``, ``x += y``, ``inplace=True``,
+    ``x.__setitem__(i, v)``, ``torch._foreach_mul_([x], 2)``)."""
     if node.kwargs.get("inplace") is True:
         return True
-    if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).startswith("_")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        # operator.and_ and operator.or_ (``a & b``, ``a | b``) end with "_" but return a new value, as dunders
-        # (``__and__``) do; torch's private in-place functions (``torch._index_put_impl_``) change their argument.
-        return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("__")
-                                                     and getattr(node.target, "__module__", None) != "_operator")
     if node.op == "call_module":
         return getattr(model.get_submodule(str(node.target)), "inplace", False) is True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
+        return node.target in _INPLACE_FUNCTIONS  # operator.and_ and or_ (``a & b``) end with "_" but make a new value
+    if node.op in ("call_method", "call_function"):
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        # A trailing "_" marks torch's in-place functions, private ones too; dunders (``__and__``) make new values.
+        return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
     return False
 
 
+def _may_alias_its_input(model: nn.Module, node: fx.Node) -> bool:
+    """Whether the value may share memory with the call's first argument (a view: ``x[:, :2]``, ``x.view()``;
+    ``x.add_()``'s result; a parameter-free module such as ``nn.Flatten``), as torch's schemas say; a call
+    torch does not know counts as one that may."""
+    if node.op == "call_module":
+        return not any(True for _ in model.get_submodule(str(node.target)).parameters())
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if node.target is operator.getitem:
+        return True
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return True
+    return any(r.alias_info is not None for o in packet.overloads() if o != "out" and not o.endswith("_out")
+               for r in getattr(packet, o)._schema.returns)
+
+
 def _refuse_shared_inplace(model: nn.Module, graph: fx.Graph) -> None:
-    """A value changed in place while another op also reads it: which value each reader sees depends on
-    their order in time, which a graph of values does not record."""
+    """A value changed in place while another op also reads it, itself or a value it may be a view of: which
+    value each reader sees depends on their order in time, which a graph of values does not record."""
     for node in graph.nodes:
-        if node.args and isinstance(node.args[0], fx.Node) and _modifies_first_argument(model, node):
-            changed = node.args[0]
-            if len(changed.users) > 1:
-                raise Refusal(f"{node.name} changes {changed.name} in place while other operations read it too, "
-                              "which a graph of values cannot order")
+        if not node.args or not _modifies_first_argument(model, node):
+            continue
+        first = node.args[0]
+        for value in (first if isinstance(first, (list, tuple)) else (first,)):
+            while isinstance(value, fx.Node):
+                if len(value.users) > 1:
+                    raise Refusal(f"{node.name} changes {value.name} in place while other operations read it too, "
+                                  "which a graph of values cannot order")
+                value = value.args[0] if value.args and _may_alias_its_input(model, value) else None
 
 
 def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:

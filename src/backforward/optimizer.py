@@ -421,7 +421,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def _outside_this_package(frame: Any) -> int:
     """The stack level, counted from ``frame`` (the one calling ``warnings.warn``: level 1), of the first frame
     outside backforward and torch.optim (for a warning to point at the user's call)."""
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.optim.__file__))
+    inside = tuple(os.path.join(os.path.dirname(path), "") for path in (__file__, torch.optim.__file__))  # "dir/"
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         level, frame = level + 1, frame.f_back
@@ -434,8 +434,10 @@ def _check_order(order: str) -> None:
 
 
 def _step_needs_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the class's step takes a required argument besides self (an LR scheduler's wrapper on the
-    instance would read as the unbound function's signature)."""
-    parameters = list(inspect.signature(type(optimizer).step).parameters.values())[1:]
+    """Whether the step Backforward will call takes a required argument (an LR scheduler's wrapper on the
+    instance takes anything: the class's step it wraps says)."""
+    step = optimizer.step
+    if hasattr(step, "_wrapped_by_lr_sched"):
+        step = type(optimizer).step.__get__(optimizer)
     return any(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               for p in parameters)
+               for p in inspect.signature(step).parameters.values())
