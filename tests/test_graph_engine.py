@@ -229,12 +229,13 @@ def test_and_and_or_of_values_others_read_stay_on_the_graph_engine(and_, or_):
 
 
 IN_PLACE = {
-    "private function": lambda h: torch._index_put_impl_(h, (torch.tensor([0]),), torch.tensor(0.5, dtype=h.dtype),
-                                                          False, False),
-    "list argument": lambda h: torch._foreach_mul_([h], 3.0),
-    "__setitem__ called": lambda h: h.__setitem__((slice(None), 0), 5.0),
-    "through a view": lambda h: h[:, :2].mul_(3.0),
-    "through a view of a view": lambda h: h.view(-1).view(5, 6)[:, 1].add_(1.0),
+    "private function": lambda m, h: torch._index_put_impl_(h, (torch.tensor([0]),),
+                                                             torch.tensor(0.5, dtype=h.dtype), False, False),
+    "list argument": lambda m, h: torch._foreach_mul_([h], 3.0),
+    "__setitem__ called": lambda m, h: h.__setitem__((slice(None), 0), 5.0),
+    "through a view": lambda m, h: h[:, :2].mul_(3.0),
+    "through a view of a view": lambda m, h: h.view(-1).view(5, 6).transpose(0, 1).add_(1.0),
+    "through a parameter-free module": lambda m, h: m.same(h).mul_(3.0),
 }
 
 
@@ -245,12 +246,13 @@ class ChangesInPlace(nn.Module):
     def __init__(self, kind):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+        self.same = nn.Identity()
         self.change = IN_PLACE[kind]
 
     def forward(self, x):
         h = self.a(x)
         y = self.b(h * 2.0)  # reads h before the change
-        self.change(h)
+        self.change(self, h)
         return self.c(h) + y
 
 
@@ -272,13 +274,13 @@ def test_values_a_module_or_an_op_makes_afresh_may_be_changed_in_place():
     class Fresh(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.a, self.b, self.skip = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(4, 3)
 
         def forward(self, x):
-            h = self.a(x)
-            g, k = h * 2.0, h + 1.0  # both read h; g is new memory
-            g = g.mul_(3.0)
-            return self.b(g + k)
+            h = self.a(x).mul_(0.5)  # a's output, new memory, though x is read by skip too
+            g, k = h.mul(2.0), torch.add(h, 1.0)  # both read h; both new memory (a method, a function)
+            g, k = g.mul_(3.0), k.add_(1.0)
+            return self.b(g + k) + self.skip(x)
 
     torch.manual_seed(0)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -359,9 +361,13 @@ def test_the_fallback_warning_points_at_the_first_frame_outside_the_library(monk
     monkeypatch.setattr(warnings, "warn", recording)
     model = Untraceable("control flow")
     bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    # Called from a file in a folder whose name starts as the package's does (not the package).
+    path = os.path.dirname(backforward.optimizer.__file__) + "_examples/train.py"
+    namespace: dict = {}
+    exec(compile("def train(bf, x, y, loss_fn):\n    bf.step_batch(x, y, loss_fn)\n", path, "exec"), namespace)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bf.step_batch(torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
+        namespace["train"](bf, torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
     (level, files), = raised
     inside = tuple(os.path.join(os.path.dirname(path), "") for path in (backforward.optimizer.__file__,
                                                                        torch.optim.__file__))
