@@ -236,6 +236,7 @@ IN_PLACE = {
     "through a view": lambda m, h: h[:, :2].mul_(3.0),
     "through a view of a view": lambda m, h: h.view(-1).view(5, 6).transpose(0, 1).add_(1.0),
     "through a parameter-free module": lambda m, h: m.same(h).mul_(3.0),
+    "through a call torch has no schema for": lambda m, h: h.double().mul_(3.0),  # h is float64: itself
 }
 
 
