@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from backforward import Backforward, reference_step
+from backforward.experiments import bench_cuda
 from backforward.experiments.bench import (
     PROCESSES,
     BenchModel,
@@ -191,6 +192,80 @@ def test_target_lines_name_the_model_depth_and_the_bound():
     assert len(lines) == 7  # the row by hand is no target of its own
 
 
+def cuda_rows(model, depth, sgd_ms, fast_ms, graphed_sgd_ms, graphed_fast_ms, flop_ratio, syncs=(1, 0)):
+    def row(method, ms, base, flops, graphed=False, check_finite=True, n_syncs=0):
+        return Record(model, depth, 128, method, "chain", depth + 1, "module", True, ms, ms / base, float("nan"),
+                      flops, 0, 0, float("nan"), device="cuda", graphed=graphed, check_finite=check_finite,
+                      syncs_per_step=n_syncs)
+
+    return [row("sgd", sgd_ms, sgd_ms, 1.0), row("paper", 3 * fast_ms, sgd_ms, 2 * flop_ratio),
+            row("fast", fast_ms, sgd_ms, flop_ratio, n_syncs=syncs[0]),
+            row("fast", fast_ms, sgd_ms, flop_ratio, check_finite=False, n_syncs=syncs[1]),
+            row("by hand", fast_ms, sgd_ms, flop_ratio),
+            row("sgd", graphed_sgd_ms, graphed_sgd_ms, 1.0, graphed=True),
+            row("fast", graphed_fast_ms, graphed_sgd_ms, flop_ratio, graphed=True),
+            row("by hand", graphed_fast_ms / 2, graphed_sgd_ms, flop_ratio, graphed=True)]
+
+
+def test_cuda_target_lines_by_hand():
+    # mlp8x512: eager fast 4.5 ms against SGD's 1 ms (bound 4.0: missed); graphed 0.6 ms against 0.2 ms = 3.0x
+    # against a FLOP model of 2.5x: 1.2, at the bound (met). mlp2x64: two syncs with the check (missed), one
+    # without it (missed); graphed 0.25 / 0.1 = 2.5x against 2.0x: 1.25 (missed); no eager target below depth 8.
+    records = cuda_rows("mlp8x512", 8, 1.0, 4.5, 0.2, 0.6, 2.5) + \
+        cuda_rows("mlp2x64", 2, 1.0, 2.0, 0.1, 0.25, 2.0, syncs=(2, 1))
+    assert bench_cuda.check_targets(records) == [
+        (True, "mlp8x512, depth 8, 9 stages: fast with check_finite=False makes no host-device sync in a step: "
+               "0 per step"),
+        (True, "mlp8x512, depth 8, 9 stages: fast makes at most one sync per step, the finiteness check's read at "
+               "its end: 1 per step"),
+        (False, "mlp8x512, depth 8, 9 stages: eager fast at most 4.0x SGD's step: 4.50x (the FLOP model: 2.50x)"),
+        (True, "mlp8x512, depth 8, 9 stages: graphed fast at most 1.2x the FLOP model against SGD's graphed step: "
+               "3.00x against 2.50x, measured/FLOP model = 1.20 (written by hand, graphed: 0.60)"),
+        (False, "mlp2x64, depth 2, 3 stages: fast with check_finite=False makes no host-device sync in a step: "
+                "1 per step"),
+        (False, "mlp2x64, depth 2, 3 stages: fast makes at most one sync per step, the finiteness check's read at "
+                "its end: 2 per step"),
+        (False, "mlp2x64, depth 2, 3 stages: graphed fast at most 1.2x the FLOP model against SGD's graphed step: "
+                "2.50x against 2.00x, measured/FLOP model = 1.25 (written by hand, graphed: 0.62)"),
+    ]
+
+
+def test_records_without_a_measured_cost_model_are_null_in_json_and_drawn_against_the_flop_model(tmp_path):
+    from backforward.experiments.bench import plot, records_as_dicts
+
+    records = cuda_rows("mlp1x512", 1, 1.0, 2.0, 0.2, 0.5, 1.5) + cuda_rows("mlp2x512", 2, 1.0, 3.0, 0.2, 0.7, 2.0)
+    rows = records_as_dicts(records)
+    assert rows[0]["predicted_ratio"] is None and rows[0]["overhead_ms_per_pass"] is None
+    assert json.loads(json.dumps(rows, allow_nan=False)) == rows
+    plot(records, str(tmp_path / "bench-cuda.png"))
+    assert (tmp_path / "bench-cuda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda", "--profile"], "leave out --profile and --distributed"),
+    (["--device", "cuda"], "sees no CUDA device"),
+])
+def test_bench_on_cuda_refuses_in_one_line(args, message, capsys):
+    if torch.cuda.is_available() and message == "sees no CUDA device":
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_on_cuda_counts_syncs_and_replays_graphs(capsys, tmp_path):
+    assert main(["bench", "--device", "cuda", "--models", "mlp", "--depths", "2", "--width", "16", "--batch-size",
+                 "8", "--steps", "2", "--warmup", "1", "--json", "--out", str(tmp_path)]) == 0
+    rows = {bench_cuda.label(Record(**r)): r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == sorted(["sgd", "paper", "generic", "fast", "fast unchecked", "by hand", "sgd graphed",
+                                   "fast graphed", "by hand graphed"])
+    assert rows["fast unchecked"]["syncs_per_step"] == 0 and rows["fast"]["syncs_per_step"] == 1
+    assert rows["fast graphed"]["syncs_per_step"] == 0 and rows["sgd"]["syncs_per_step"] == 0
+    assert (tmp_path / "bench-cuda.png").exists()
+    assert rows["paper"]["syncs_per_step"] == 3  # the reference reads each pass's loss
+
+
 def test_the_algorithm_written_by_hand_is_backforward():
     """The bench's floor (no bookkeeping) computes what the reference computes: the same algorithm, not a cheaper
     one, so the engines' time over its time is bookkeeping."""
@@ -223,7 +298,7 @@ def test_bench_command_json_and_figure_under_out(tmp_path, capsys):
     assert {tuple(sorted(r)) for r in rows} == {tuple(sorted(
         ("model", "depth", "batch", "method", "engine", "stages", "granularity", "rollback", "ms_per_step",
          "ratio_to_sgd", "predicted_ratio", "flop_ratio", "saved_bytes", "rollback_bytes",
-         "overhead_ms_per_pass")))}
+         "overhead_ms_per_pass", "device", "graphed", "check_finite", "syncs_per_step")))}
     assert [(r["method"], r["engine"]) for r in rows] == [("sgd", "torch"), ("paper", "reference"),
                                                           ("generic", "generic"), ("fast", "chain"),
                                                           ("fast", "chain"), ("by hand", "chain")]

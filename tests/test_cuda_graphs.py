@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from backforward import Backforward, CapturedStep
+from backforward.cuda_graphs import _state_missing
 
 F = nn.functional
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -28,10 +29,26 @@ def test_a_model_on_the_cpu_is_refused_in_one_line():
     assert "\n" not in str(info.value)
 
 
+def test_only_state_some_parameters_lack_counts_as_missing():
+    # Created inside a capture, state would be created afresh at every replay; an optimizer that keeps no state
+    # (plain SGD) has none to create.
+    model = mlp()
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    for make, expected in ((lambda ps: torch.optim.SGD(ps, lr=0.1), False),
+                           (lambda ps: torch.optim.Adam(ps, lr=1e-3), False)):
+        opt = Backforward(model, make(model.parameters()))
+        opt.step_batch(x, y, F.cross_entropy)
+        params = list(model.parameters())
+        assert _state_missing(opt, params) is expected
+    del opt.state[params[0]]  # Adam's state for one parameter gone
+    assert _state_missing(opt, params)
+
+
 @cuda
-@pytest.mark.parametrize("base", ["momentum", "adam"])
+@pytest.mark.parametrize("base", ["plain", "momentum", "adam"])
 def test_replayed_steps_equal_eager_steps(base):
-    make = {"momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    make = {"plain": lambda ps: torch.optim.SGD(ps, lr=0.05),
+            "momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
             "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, capturable=True)}[base]
     eager_model = mlp().cuda()
     graphed_model = copy.deepcopy(eager_model)

@@ -50,6 +50,8 @@ def test_readme_results_stand_verbatim_in_the_generated_files():
     blocks = [body for lang, body in re.findall(r"^```(\w*)\n(.*?)\n```$", results, flags=re.S | re.M) if not lang]
     assert blocks[0] == (RESULTS / "bench.txt").read_text().rstrip()
     assert blocks[1] == (RESULTS / "bench-distributed.txt").read_text().rstrip()
+    assert blocks[2] == (RESULTS / "bench-cuda.txt").read_text().rstrip()
+    assert blocks[3] == (RESULTS / "bench-cuda-large.txt").read_text().rstrip()
     for figure in re.findall(r"\]\((docs/results/[^)#]+)", results):
         assert (ROOT / figure).exists(), figure
 

@@ -49,6 +49,37 @@ def test_a_step_reads_nothing_on_the_host_but_its_one_finiteness_check(model_nam
         assert reads.calls == expected * 2, (check_finite, reads.calls)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_name", ["dropout", "residual", "batchnorm"])  # chain, generic, buffers
+@pytest.mark.parametrize("entry", ["step", "step_batch"])
+def test_a_cuda_step_makes_no_sync_but_its_one_finiteness_check(model_name, entry):
+    import warnings
+
+    model, _, x, y = make(model_name)
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    run = steps(model, x, y)[entry]
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), check_finite=False)
+    run(opt)  # the first step reads the stage order from the graph
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(opt)
+        run(opt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.check_finite = True
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1 and syncs[0].filename.endswith("engines.py"), [(w.filename, w.lineno) for w in syncs]
+
+
 def test_host_reads_are_seen_by_the_recorder():
     # The recorder itself works: last_losses converts on access, one tolist.
     model, _, x, y = make("mlp3")

@@ -72,7 +72,7 @@ def _refuse_what_cannot_be_captured(optimizer: Backforward, inputs: torch.Tensor
     reasons = []
     if not all(p.is_cuda for p in params) or not inputs.is_cuda:
         reasons.append("the model and inputs must be on a CUDA device")
-    elif optimizer._plan is None or not optimizer._plan.ordered or any(p not in optimizer.state for p in params):
+    elif optimizer._plan is None or not optimizer._plan.ordered or _state_missing(optimizer, params):
         reasons.append("take one eager step first (it creates the base optimizer's state)")
     if optimizer.track_ics:
         reasons.append("the ICS meter reads its report on the host")
@@ -87,6 +87,12 @@ def _refuse_what_cannot_be_captured(optimizer: Backforward, inputs: torch.Tensor
         reasons.append("the base optimizer keeps group-level state, which a replay would not advance")
     if reasons:
         raise ValueError("cannot capture this Backforward step as a CUDA graph: " + "; ".join(reasons))
+
+
+def _state_missing(optimizer: Backforward, params: list[torch.Tensor]) -> bool:
+    """Some parameters have base-optimizer state and some none yet: created inside the capture, the state would
+    be created afresh at every replay. (An optimizer that keeps none, such as SGD without momentum, is fine.)"""
+    return bool(optimizer.state) and any(p not in optimizer.state for p in params)
 
 
 def _draws_random_numbers(optimizer: Backforward, inputs: torch.Tensor, targets: torch.Tensor,

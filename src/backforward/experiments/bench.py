@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import statistics
 import time
 import weakref
@@ -90,6 +91,8 @@ class Variant:
     method: str                     # sgd, paper, generic, fast, by hand
     granularity: str = "module"
     rollback: bool = True
+    check_finite: bool = True       # Backforward's one host read per step (bench_cuda counts it)
+    graphed: bool = False           # replayed as a whole-step CUDA graph (bench_cuda)
 
 
 def variants(entry: BenchModel) -> list[Variant]:
@@ -118,6 +121,10 @@ class Record:
     saved_bytes: int
     rollback_bytes: int             # parameters and optimizer state copied for a failed step (0: none)
     overhead_ms_per_pass: float     # measured beyond the measured-cost prediction, per pass
+    device: str = "cpu"             # on "cuda" (bench_cuda): no measured-cost model, syncs counted
+    graphed: bool = False           # a whole-step CUDA graph; ratio_to_sgd is then to SGD's graphed step
+    check_finite: bool = True
+    syncs_per_step: int | None = None
 
 
 # ---- memory ----
@@ -225,7 +232,8 @@ def make_stepper(variant: Variant, model: nn.Module, x: torch.Tensor, y: torch.T
             closure()
             base.step()
         return Stepper(variant, m, sgd_step, base)
-    bf = Backforward(m, base, stages=variant.granularity, rollback=variant.rollback)
+    bf = Backforward(m, base, stages=variant.granularity, rollback=variant.rollback,
+                     check_finite=variant.check_finite)
     bf.step(closure)  # the first step finds the stage order (data flow)
     stages = [list(s.params) for s in bf.stages]
     if variant.method == "by hand":
@@ -423,11 +431,14 @@ def format_table(records: Sequence[Record], threads: int) -> str:
 
 
 def records_as_dicts(records: Sequence[Record]) -> list[dict]:
-    return [asdict(r) for r in records]
+    """The records as JSON-ready dicts; a model that was not run (NaN) is null."""
+    return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()}
+            for r in records]
 
 
 def plot(records: Sequence[Record], path: str) -> None:
-    """Step time against the number of stages, one panel per model family; dashed: the measured-cost model."""
+    """Step time against the number of stages, one panel per model family; dashed: the cost model's prediction
+    (measured-cost, or on CUDA the FLOP model) times SGD's measured step; dotted: whole-step CUDA graphs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,18 +451,21 @@ def plot(records: Sequence[Record], path: str) -> None:
     rows = (len(families) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
     for ax, family in zip(axes.flat, families, strict=False):
-        mine = [r for r in records if _family(r) == family and r.rollback]
-        sgd_ms = {(r.model, r.granularity): r.ms_per_step for r in mine if r.method == "sgd"}
+        mine = [r for r in records if _family(r) == family and r.rollback and r.check_finite]
+        sgd_ms = {(r.model, r.granularity, r.graphed): r.ms_per_step for r in mine if r.method == "sgd"}
         for i, method in enumerate(("sgd", "paper", "generic", "fast")):
-            rows_ = sorted((r for r in mine if r.method == method), key=lambda r: r.stages)
-            if not rows_:
-                continue
-            color = f"C{i}"
-            stages = [r.stages for r in rows_]
-            ax.plot(stages, [r.ms_per_step for r in rows_], "o-", color=color, label=method)
-            base = [sgd_ms.get((r.model, "module"), r.ms_per_step / r.ratio_to_sgd) for r in rows_]
-            ax.plot(stages, [r.predicted_ratio * b for r, b in zip(rows_, base, strict=True)], "--", color=color,
-                    alpha=0.6)
+            for graphed in (False, True):
+                rows_ = sorted((r for r in mine if r.method == method and r.graphed == graphed),
+                               key=lambda r: r.stages)
+                if not rows_:
+                    continue
+                color = f"C{i}"
+                stages = [r.stages for r in rows_]
+                ax.plot(stages, [r.ms_per_step for r in rows_], "s:" if graphed else "o-", color=color,
+                        label=method + (" graphed" if graphed else ""))
+                base = [sgd_ms.get((r.model, "module", graphed), r.ms_per_step / r.ratio_to_sgd) for r in rows_]
+                ax.plot(stages, [_modelled_ratio(r) * b for r, b in zip(rows_, base, strict=True)], "--",
+                        color=color, alpha=0.6)
         ax.set_title(family)
         ax.set_xlabel("stages n")
         ax.set_ylabel("ms per step")
@@ -459,12 +473,18 @@ def plot(records: Sequence[Record], path: str) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(families):]:
         ax.set_visible(False)
-    fig.suptitle("Step time against stages (dashed: measured-cost model x measured SGD)")
+    on_cuda = any(r.device == "cuda" for r in records)
+    fig.suptitle(f"Step time against stages (dashed: {'FLOP' if on_cuda else 'measured-cost'} model x measured SGD)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _modelled_ratio(r: Record) -> float:
+    """The measured-cost model's ratio, or the FLOP model's where there is none (on CUDA)."""
+    return r.flop_ratio if math.isnan(r.predicted_ratio) else r.predicted_ratio
 
 
 def _family(r: Record) -> str:

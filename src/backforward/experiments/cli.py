@@ -163,9 +163,12 @@ def add_bench(sub) -> None:
                    help="hidden layers of the width --width MLPs")
     p.add_argument("--width", type=positive(int), default=512, help="MLP hidden width")
     p.add_argument("--batch-size", type=positive(int), default=128, help="batch of the MLPs and the CNN")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
+    p.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="MODEL",
                    help=f"which models ({' '.join(MODELS)}); small-mlp: width 64, batch 16, depths 2 4 8; "
-                        "resnet, transformer, lstm: batch 32")
+                        "resnet, transformer, lstm: batch 32 (default: all; with --device cuda: mlp small-mlp)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the MLPs on the GPU, eager and as whole-step CUDA graphs, host-device syncs counted, "
+                        "wall time (figure bench-cuda.png)")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     p.add_argument("--out", type=output_folder, default=BENCH_DIR, metavar="DIR",
                    help="folder for the figure bench.png")
@@ -185,14 +188,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench import bench_model, default_suite, format_table, plot, records_as_dicts
+    from . import bench_cuda
+    from .bench import MODELS, bench_model, default_suite, format_table, plot, records_as_dicts
     from .progress import Progress
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return fail(f"--out {out} is a file, not a folder")
     torch.set_num_threads(args.threads)
-    suite = default_suite(args.models, args.depths, args.width, args.batch_size)
+    on_cuda = args.device == "cuda"
+    if on_cuda:
+        if args.profile or args.distributed:
+            return fail("--device cuda times steps on one GPU: leave out --profile and --distributed")
+        if not torch.cuda.is_available():
+            return fail(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
+        if args.models is not None and set(args.models) - set(bench_cuda.FAMILIES):
+            return fail(f"--device cuda runs the MLPs only (--models {' '.join(bench_cuda.FAMILIES)})")
+    models = args.models or (bench_cuda.FAMILIES if on_cuda else MODELS)
+    suite = default_suite(models, args.depths, args.width, args.batch_size)
     if args.distributed:
         from .bench import comm_records, format_comm, scaling
 
@@ -209,10 +222,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records = []
     with Progress(len(suite) * (args.steps + args.warmup), "bench", unit="round") as bar:
         for entry in suite:
-            records += bench_model(entry, args.steps, args.warmup, progress=bar)
-    print(json.dumps(records_as_dicts(records), indent=1) if args.json else format_table(records, args.threads))
+            run = bench_cuda.bench_cuda_model if on_cuda else bench_model
+            records += run(entry, args.steps, args.warmup, progress=bar)
+    table = bench_cuda.format_table(records) if on_cuda else format_table(records, args.threads)
+    print(json.dumps(records_as_dicts(records), indent=1) if args.json else table)
     if not args.no_plot:
-        figure = out / "bench.png"
+        figure = out / ("bench-cuda.png" if on_cuda else "bench.png")
         plot(records, str(figure))
         print(f"figure: {figure}", file=sys.stderr)
     return 0
