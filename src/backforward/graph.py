@@ -195,10 +195,15 @@ def _modifies_first_argument(model: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_function" and getattr(node.target, "__module__", None) == "_operator":
         return node.target in _INPLACE_FUNCTIONS  # operator.and_ and or_ (``a & b``) end with "_" but make a new value
     if node.op in ("call_method", "call_function"):
-        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        name = _call_name(node)
         # A trailing "_" marks torch's in-place functions, private ones too; dunders (``__and__``) make new values.
         return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
     return False
+
+
+def _call_name(node: fx.Node) -> str:
+    """The method's or function's name (``add_``, ``view``, ``relu``)."""
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
 
 
 def _may_alias_its_input(model: nn.Module, node: fx.Node) -> bool:
@@ -211,8 +216,7 @@ def _may_alias_its_input(model: nn.Module, node: fx.Node) -> bool:
         return False
     if node.target is operator.getitem:
         return True
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    packet = getattr(torch.ops.aten, name, None)
+    packet = getattr(torch.ops.aten, _call_name(node), None)
     if not isinstance(packet, torch._ops.OpOverloadPacket):
         return True
     return any(r.alias_info is not None for o in packet.overloads() if o != "out" and not o.endswith("_out")
