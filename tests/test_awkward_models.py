@@ -50,21 +50,24 @@ def run(case: Case, entry: str, base: str, order: str = "forward"):
     stepped = Traced(model) if entry == "traced" and plain_sequential(model) else model
     engine = Backforward(stepped, BASES[base](model), stages=spec, order=order)
     ref_opt = BASES[base](ref)
-    device = next(model.parameters()).device  # its generator draws the model's random numbers
+    devices = {"cpu", next(model.parameters()).device.type}  # each generator a step may draw from
     for t, (x, y) in enumerate(case.batches):
         stages = [mirror(s) for s in case.stages(model, t)]
         torch.manual_seed(t)
         ref_losses = reference_step(ref, ref_opt, stages[::-1] if order == "reverse" else stages,
                                     lambda x=x, y=y: backward(case.loss_fn(ref(x), y)))
-        ref_next = torch.rand(4, device=device)
+        ref_next = [torch.rand(4, device=d) for d in sorted(devices)]
         torch.manual_seed(t)
         if entry == "step":
             engine.step(lambda x=x, y=y: backward(case.loss_fn(model(x), y)))
         else:
             engine.step_batch(x, y, case.loss_fn)
-        assert torch.equal(torch.rand(4, device=device), ref_next), f"step {t}: random numbers advanced differently"
+        for d, expected in zip(sorted(devices), ref_next, strict=True):
+            assert torch.equal(torch.rand(4, device=d), expected), f"step {t}: {d} random numbers advanced differently"
         assert engine.last_losses == pytest.approx(ref_losses, rel=1e-12, abs=1e-12), f"step {t}"
-        assert_same_state(model, ref, engine, ref_opt, t, exact_buffers=device.type == "cpu")
+        # On CUDA, from the second step on, running statistics are computed from parameters that may differ from
+        # the reference's in the last bits (seen on an H100: a ResNet's BatchNorm, step 2).
+        assert_same_state(model, ref, engine, ref_opt, t, exact_buffers=devices == {"cpu"} or t == 0)
     return engine
 
 
@@ -74,8 +77,8 @@ def close(a, b):
 
 
 def assert_same_state(model, ref, engine, ref_opt, t, exact_buffers=True):
-    """``exact_buffers=False`` (CUDA): running statistics within the parameters' tolerance, since they are
-    computed from parameters that may differ in the last bits (CUDA's reductions run in no fixed order)."""
+    """``exact_buffers=False``: running statistics within the parameters' tolerance (they are computed from
+    parameters that ``close`` lets differ in the last bits)."""
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert close(p, q), f"step {t}: parameter {name}"
         assert close(p.grad, q.grad), f"step {t}: gradient of {name}"

@@ -27,6 +27,7 @@ from backforward.experiments.bench import (
 from backforward.experiments.bench_models import DigitTransformer, LSTMClassifier, ResNet
 from backforward.experiments.cli import main
 from backforward.experiments.cost import Costs, flop_costs, measured_costs, predicted_units, stage_flops
+from backforward.stages import Stage
 
 F = nn.functional
 
@@ -193,14 +194,15 @@ def test_target_lines_name_the_model_depth_and_the_bound():
 
 
 def cuda_rows(model, depth, sgd_ms, fast_ms, graphed_sgd_ms, graphed_fast_ms, flop_ratio, syncs=(1, 0)):
-    def row(method, ms, base, flops, graphed=False, check_finite=True, n_syncs=0):
-        return Record(model, depth, 128, method, "chain", depth + 1, "module", True, ms, ms / base, float("nan"),
-                      flops, 0, 0, float("nan"), device="cuda", graphed=graphed, check_finite=check_finite,
-                      syncs_per_step=n_syncs)
+    def row(method, ms, base, flops, graphed=False, check_finite=True, n_syncs=0, rollback=True):
+        return Record(model, depth, 128, method, "chain", depth + 1, "module", rollback, ms, ms / base,
+                      float("nan"), flops, None, 0, float("nan"), device="cuda", graphed=graphed,
+                      check_finite=check_finite, syncs_per_step=n_syncs)
 
     return [row("sgd", sgd_ms, sgd_ms, 1.0), row("paper", 3 * fast_ms, sgd_ms, 2 * flop_ratio),
             row("fast", fast_ms, sgd_ms, flop_ratio, n_syncs=syncs[0]),
             row("fast", fast_ms, sgd_ms, flop_ratio, check_finite=False, n_syncs=syncs[1]),
+            row("fast", fast_ms, sgd_ms, flop_ratio, check_finite=False, rollback=False),
             row("by hand", fast_ms, sgd_ms, flop_ratio),
             row("sgd", graphed_sgd_ms, graphed_sgd_ms, 1.0, graphed=True),
             row("fast", graphed_fast_ms, graphed_sgd_ms, flop_ratio, graphed=True),
@@ -212,7 +214,8 @@ def test_cuda_target_lines_by_hand():
     # against a FLOP model of 2.5x: 1.2, at the bound (met). mlp2x64: two syncs with the check (missed), one
     # without it (missed); graphed 0.25 / 0.1 = 2.5x against 2.0x: 1.25 (missed); no eager target below depth 8.
     records = cuda_rows("mlp8x512", 8, 1.0, 4.5, 0.2, 0.6, 2.5) + \
-        cuda_rows("mlp2x64", 2, 1.0, 2.0, 0.1, 0.25, 2.0, syncs=(2, 1))
+        cuda_rows("mlp2x64", 2, 1.0, 2.0, 0.1, 0.25, 2.0, syncs=(2, 1)) + \
+        cuda_rows("mlp8x64", 8, 1.0, 4.5, 0.2, 0.48, 2.5)  # no eager target at width 64
     assert bench_cuda.check_targets(records) == [
         (True, "mlp8x512, depth 8, 9 stages: fast with check_finite=False makes no host-device sync in a step: "
                "0 per step"),
@@ -227,7 +230,46 @@ def test_cuda_target_lines_by_hand():
                 "its end: 2 per step"),
         (False, "mlp2x64, depth 2, 3 stages: graphed fast at most 1.2x the FLOP model against SGD's graphed step: "
                 "2.50x against 2.00x, measured/FLOP model = 1.25 (written by hand, graphed: 0.62)"),
+        (True, "mlp8x64, depth 8, 9 stages: fast with check_finite=False makes no host-device sync in a step: "
+               "0 per step"),
+        (True, "mlp8x64, depth 8, 9 stages: fast makes at most one sync per step, the finiteness check's read at "
+               "its end: 1 per step"),
+        (True, "mlp8x64, depth 8, 9 stages: graphed fast at most 1.2x the FLOP model against SGD's graphed step: "
+               "2.40x against 2.50x, measured/FLOP model = 0.96 (written by hand, graphed: 0.48)"),
     ]
+
+
+def test_gpu_records_compare_graphed_steps_with_sgds_graphed_step():
+    from backforward.experiments.models import mlp
+
+    entry = BenchModel("mlp2x8", "mlp", 2, 4, lambda: mlp(2, 8))
+    model, x = entry.build(), torch.randn(4, 784)
+    stages = [Stage(str(k), tuple(m.parameters())) for k, m in enumerate(model) if isinstance(m, nn.Linear)]
+    flops = flop_costs(model, x, stages)
+    times = (2.0, 6.0, 5.0, 4.0, 3.5, 3.2, 3.0, 0.25, 0.75, 0.5)
+    ms = dict(zip(bench_cuda.variants(), times, strict=True))
+    steppers = [(v, "chain", 100) for v in bench_cuda.variants()]
+    records = {bench_cuda.label(r): r for r in bench_cuda.cuda_records(entry, steppers, ms, dict.fromkeys(ms, 0),
+                                                                        flops, 3)}
+    assert records["fast"].ratio_to_sgd == 2.0 and records["fast graphed"].ratio_to_sgd == 3.0  # 0.75 / 0.25
+    assert records["by hand graphed"].ratio_to_sgd == 2.0 and records["sgd graphed"].ratio_to_sgd == 1.0
+    assert records["by hand"].flop_ratio == records["fast"].flop_ratio == records["fast graphed"].flop_ratio
+    assert records["paper"].flop_ratio == pytest.approx(3.0)  # n full steps (DESIGN §2)
+    assert records["fast"].flop_ratio < records["generic"].flop_ratio < 3.0
+    assert [r.rollback_bytes for r in records.values()] == [100] * 7 + [0] * 3  # a captured step keeps no copy
+    assert {r.saved_bytes for r in records.values()} == {None}
+
+
+def test_the_gpu_table_names_the_card_and_puts_each_variant_on_its_row():
+    records = cuda_rows("mlp8x512", 8, 1.0, 4.5, 0.2, 0.6, 2.5)
+    lines = bench_cuda.format_table(records, "NVIDIA H100 80GB HBM3").splitlines()
+    assert lines[0].startswith("backforward bench --device cuda: NVIDIA H100 80GB HBM3, torch ")
+    rows = [line.split() for line in lines[2:2 + len(records)]]
+    assert [(r[4], r[-5], r[-1]) for r in rows[:4]] == [("sgd", "1.000", "0"), ("paper", "13.500", "0"),
+                                                         ("fast", "4.500", "1"), ("fast", "4.500", "0")]
+    assert " ".join(rows[4][4:7]) == "fast unchecked no"  # "fast unchecked no rollback"
+    assert lines[2 + len(records) + 1].startswith("mlp8x512: the graph replay makes fast 7.50x faster")
+    assert sum(line.startswith(("met ", "MISS")) for line in lines) == 4
 
 
 def test_records_without_a_measured_cost_model_are_null_in_json_and_drawn_against_the_flop_model(tmp_path):
@@ -243,6 +285,7 @@ def test_records_without_a_measured_cost_model_are_null_in_json_and_drawn_agains
 
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda", "--profile"], "leave out --profile and --distributed"),
+    (["--device", "cuda", "--models", "mlp", "cnn"], "runs the MLPs only (--models mlp small-mlp)"),
     (["--device", "cuda"], "sees no CUDA device"),
 ])
 def test_bench_on_cuda_refuses_in_one_line(args, message, capsys):
@@ -258,9 +301,10 @@ def test_bench_on_cuda_counts_syncs_and_replays_graphs(capsys, tmp_path):
     assert main(["bench", "--device", "cuda", "--models", "mlp", "--depths", "2", "--width", "16", "--batch-size",
                  "8", "--steps", "2", "--warmup", "1", "--json", "--out", str(tmp_path)]) == 0
     rows = {bench_cuda.label(Record(**r)): r for r in json.loads(capsys.readouterr().out)}
-    assert sorted(rows) == sorted(["sgd", "paper", "generic", "fast", "fast unchecked", "by hand", "sgd graphed",
-                                   "fast graphed", "by hand graphed"])
+    assert sorted(rows) == sorted(["sgd", "paper", "generic", "fast", "fast unchecked", "fast unchecked no rollback",
+                                   "by hand", "sgd graphed", "fast graphed", "by hand graphed"])
     assert rows["fast unchecked"]["syncs_per_step"] == 0 and rows["fast"]["syncs_per_step"] == 1
+    assert rows["fast unchecked no rollback"]["syncs_per_step"] == 0 and rows["by hand"]["syncs_per_step"] == 0
     assert rows["fast graphed"]["syncs_per_step"] == 0 and rows["sgd"]["syncs_per_step"] == 0
     assert (tmp_path / "bench-cuda.png").exists()
     assert rows["paper"]["syncs_per_step"] == 3  # the reference reads each pass's loss

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from backforward import Backforward, CapturedStep
-from backforward.cuda_graphs import _state_missing
+from backforward.cuda_graphs import _state_layout
 
 F = nn.functional
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -29,19 +29,38 @@ def test_a_model_on_the_cpu_is_refused_in_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_only_state_some_parameters_lack_counts_as_missing():
-    # Created inside a capture, state would be created afresh at every replay; an optimizer that keeps no state
-    # (plain SGD) has none to create.
+def test_the_state_layout_changes_when_state_is_created_or_replaced_not_when_changed_in_place():
+    # A captured step must find the base optimizer's state made and change it in place: else every replay would
+    # make it afresh (momentum SGD's buffer a copy of the gradient, Adam's first step each time).
     model = mlp()
+    params = list(model.parameters())
     x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
-    for make, expected in ((lambda ps: torch.optim.SGD(ps, lr=0.1), False),
-                           (lambda ps: torch.optim.Adam(ps, lr=1e-3), False)):
+    for make in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=1e-3),
+                 lambda ps: torch.optim.SGD(ps, lr=0.1)):
         opt = Backforward(model, make(model.parameters()))
+        before = _state_layout(opt, params)
         opt.step_batch(x, y, F.cross_entropy)
-        params = list(model.parameters())
-        assert _state_missing(opt, params) is expected
-    del opt.state[params[0]]  # Adam's state for one parameter gone
-    assert _state_missing(opt, params)
+        made = _state_layout(opt, params)
+        assert (made != before) is bool(opt.state)  # plain SGD keeps no state: nothing to make
+        opt.step_batch(x, y, F.cross_entropy)
+        assert _state_layout(opt, params) == made
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    opt.step_batch(x, y, F.cross_entropy)
+    made = _state_layout(opt, params)
+    opt.state[params[0]]["momentum_buffer"] = opt.state[params[0]]["momentum_buffer"].clone()
+    assert _state_layout(opt, params) != made
+
+
+@cuda
+def test_an_optimizer_whose_state_the_capture_would_create_is_refused_and_left_as_it_was():
+    # Named stages are ordered before any step: only the capture itself shows that Adam's state is not there yet.
+    model = mlp().cuda()
+    opt = Backforward(model, torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True),
+                      stages=[[p] for p in model.parameters()])
+    x, y = torch.randn(8, 20, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+    with pytest.raises(ValueError, match="created or replaced its state inside the capture"):
+        CapturedStep(opt, x, y, F.cross_entropy)
+    assert len(opt.state) == 0
 
 
 @cuda
@@ -63,11 +82,14 @@ def test_replayed_steps_equal_eager_steps(base):
     for x, y in batches[1:]:
         eager_loss = eager.step_batch(x, y, F.cross_entropy)
         graphed_loss = step(x, y)
-        torch.testing.assert_close(graphed_loss, eager_loss)
+        assert torch.equal(graphed_loss, eager_loss)  # the same kernels on the same values: bit for bit
     for p, q in zip(eager_model.parameters(), graphed_model.parameters(), strict=True):
-        torch.testing.assert_close(p, q)
+        assert torch.equal(p, q)
+    for key, value in eager.state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(graphed.state_dict()["state"][key][name]))
     for b, c in zip(eager_model.buffers(), graphed_model.buffers(), strict=True):
-        torch.testing.assert_close(b, c)
+        assert torch.equal(b, c)
 
 
 @cuda

@@ -76,7 +76,7 @@ def test_a_cuda_step_makes_no_sync_but_its_one_finiteness_check(model_name, entr
             run(opt)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     assert len(syncs) == 1 and syncs[0].filename.endswith("engines.py"), [(w.filename, w.lineno) for w in syncs]
 
 

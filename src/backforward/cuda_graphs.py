@@ -11,7 +11,9 @@ refused with a clear error (before anything is captured) for: a model not on CUD
 forward that draws random numbers (dropout: the masks of later passes are replayed from
 the generator's state, which a graph cannot rewind), a base optimizer that keeps
 group-level state, the ICS meter, a GradScaler, several processes, and inputs whose
-shape differs from the captured ones. The step runs without the rollback copy and
+shape differs from the captured ones; and, once captured, for a base optimizer that created
+or replaced its state inside the capture (no eager step yet, or state it does not change in
+place), which every replay would do again. The step runs without the rollback copy and
 without the finiteness check (both need the host); check the returned loss yourself.
 """
 
@@ -46,6 +48,9 @@ class CapturedStep:
             for _ in range(warmup):  # lazy initialisation on the side stream, then undone
                 optimizer._run_batch(self.inputs, self.targets, loss_fn, keep=False)
         torch.cuda.current_stream().wait_stream(side)
+        params = [p for s in optimizer.stages for p in s.params]
+        state = {p: dict(optimizer.state[p]) for p in params if p in optimizer.state}
+        layout = _state_layout(optimizer, params)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
@@ -53,6 +58,16 @@ class CapturedStep:
         except RuntimeError as error:
             raise RuntimeError("capturing the step failed: the model or loss reads a value on the host, or its "
                                f"shapes depend on the data ({str(error).splitlines()[0]})") from error
+        if _state_layout(optimizer, params) != layout:  # each replay would create it afresh: put it back, refuse
+            for p in params:
+                if p in state:
+                    optimizer.state[p] = state[p]
+                else:
+                    optimizer.state.pop(p, None)
+            raise ValueError("cannot capture this Backforward step as a CUDA graph: the base optimizer created or "
+                             "replaced its state inside the capture, which every replay would do again (take one "
+                             "eager step first; the state must be tensors it changes in place, as Adam's with "
+                             "capturable=True)")
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         for name, given, static in (("inputs", inputs, self.inputs), ("targets", targets, self.targets)):
@@ -72,8 +87,9 @@ def _refuse_what_cannot_be_captured(optimizer: Backforward, inputs: torch.Tensor
     reasons = []
     if not all(p.is_cuda for p in params) or not inputs.is_cuda:
         reasons.append("the model and inputs must be on a CUDA device")
-    elif optimizer._plan is None or not optimizer._plan.ordered or _state_missing(optimizer, params):
-        reasons.append("take one eager step first (it creates the base optimizer's state)")
+    elif optimizer._plan is None or not optimizer._plan.ordered:
+        reasons.append("take one eager step first (it reads the stage order and creates the base optimizer's "
+                       "state)")
     if optimizer.track_ics:
         reasons.append("the ICS meter reads its report on the host")
     if optimizer._scaler() is not None:
@@ -89,10 +105,9 @@ def _refuse_what_cannot_be_captured(optimizer: Backforward, inputs: torch.Tensor
         raise ValueError("cannot capture this Backforward step as a CUDA graph: " + "; ".join(reasons))
 
 
-def _state_missing(optimizer: Backforward, params: list[torch.Tensor]) -> bool:
-    """Some parameters have base-optimizer state and some none yet: created inside the capture, the state would
-    be created afresh at every replay. (An optimizer that keeps none, such as SGD without momentum, is fine.)"""
-    return bool(optimizer.state) and any(p not in optimizer.state for p in params)
+def _state_layout(optimizer: Backforward, params: list[torch.Tensor]) -> list[tuple[int, str, int]]:
+    """Which state values each parameter has (by identity): a captured step must change them in place only."""
+    return [(i, key, id(value)) for i, p in enumerate(params) for key, value in optimizer.state.get(p, {}).items()]
 
 
 def _draws_random_numbers(optimizer: Backforward, inputs: torch.Tensor, targets: torch.Tensor,

@@ -265,12 +265,15 @@ class Rollback:
         self.states: list[tuple[torch.Tensor, dict | None]] = []
 
     def save(self, params: Sequence[torch.Tensor]) -> None:
+        copies: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # slots and values
+        for p in params:
+            self.params.append((p, self._slot(p, None, p, copies)))
+            if self.state is not None:
+                saved = self.state.get(p)
+                self.states.append((p, saved and {k: self._slot(p, k, v, copies) for k, v in saved.items()}))
         with torch.no_grad():
-            for p in params:
-                self.params.append((p, self._kept(p, None, p)))
-                if self.state is not None:
-                    saved = self.state.get(p)
-                    self.states.append((p, saved and {k: self._kept(p, k, v) for k, v in saved.items()}))
+            for slots, values in copies.values():  # one call per device: on a GPU one launch, not one per tensor
+                torch._foreach_copy_(slots, values)
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -283,11 +286,16 @@ class Rollback:
                 else:  # copies again: the store's tensors are overwritten by the next step
                     self.state[p] = {k: _copy(v) for k, v in saved.items()}  # an empty dict stays empty
 
-    def _kept(self, p: torch.Tensor, key: str | None, value: Any) -> Any:
-        """``value`` (parameter ``p`` itself, or its optimizer state ``key``), copied into the store."""
+    def _slot(self, p: torch.Tensor, key: str | None, value: Any,
+              copies: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]]) -> Any:
+        """Where ``value`` (parameter ``p`` itself, or its optimizer state ``key``) is kept: its slot in the store,
+        to be copied into with the others on its device (``copies``); a copy, if it is no tensor."""
         if not isinstance(value, torch.Tensor):
             return _copy(value)
         slot = self.store.get((id(p), key))
         if slot is None or slot.shape != value.shape or slot.dtype != value.dtype or slot.device != value.device:
             slot = self.store[(id(p), key)] = torch.empty_like(value)
-        return slot.copy_(value)
+        slots, values = copies.setdefault(value.device, ([], []))
+        slots.append(slot)
+        values.append(value)
+        return slot

@@ -118,7 +118,7 @@ class Record:
     ratio_to_sgd: float
     predicted_ratio: float          # the measured-cost model
     flop_ratio: float               # the FLOP model
-    saved_bytes: int
+    saved_bytes: int | None         # None: not counted (on CUDA)
     rollback_bytes: int             # parameters and optimizer state copied for a failed step (0: none)
     overhead_ms_per_pass: float     # measured beyond the measured-cost prediction, per pass
     device: str = "cpu"             # on "cuda" (bench_cuda): no measured-cost model, syncs counted

@@ -157,7 +157,9 @@ def add_bench(sub) -> None:
                 "the met/MISS lines check the targets")
     p.add_argument("--threads", type=positive(int), default=1,
                    help="torch threads (1, so that ratios measure work, not threading)")
-    p.add_argument("--steps", type=positive(int), default=20, help="timed steps per method (their median counts)")
+    p.add_argument("--steps", type=positive(int), default=20,
+                   help="timed steps per method (their median counts; with --device cuda, timed samples of 10 "
+                        "steps each)")
     p.add_argument("--warmup", type=non_negative(int), default=3, help="untimed steps first")
     p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8],
                    help="hidden layers of the width --width MLPs")
@@ -171,7 +173,7 @@ def add_bench(sub) -> None:
                         "wall time (figure bench-cuda.png)")
     p.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     p.add_argument("--out", type=output_folder, default=BENCH_DIR, metavar="DIR",
-                   help="folder for the figure bench.png")
+                   help="folder for the figure bench.png (bench-cuda.png with --device cuda)")
     p.add_argument("--no-plot", action="store_true", help="write no figure")
     p.add_argument("--profile", action="store_true",
                    help="instead: where a plain SGD step of each model spends CPU time (torch.profiler)")
@@ -200,10 +202,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if on_cuda:
         if args.profile or args.distributed:
             return fail("--device cuda times steps on one GPU: leave out --profile and --distributed")
-        if not torch.cuda.is_available():
-            return fail(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
         if args.models is not None and set(args.models) - set(bench_cuda.FAMILIES):
             return fail(f"--device cuda runs the MLPs only (--models {' '.join(bench_cuda.FAMILIES)})")
+        if not torch.cuda.is_available():
+            return fail(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     models = args.models or (bench_cuda.FAMILIES if on_cuda else MODELS)
     suite = default_suite(models, args.depths, args.width, args.batch_size)
     if args.distributed:
@@ -224,7 +226,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for entry in suite:
             run = bench_cuda.bench_cuda_model if on_cuda else bench_model
             records += run(entry, args.steps, args.warmup, progress=bar)
-    table = bench_cuda.format_table(records) if on_cuda else format_table(records, args.threads)
+    table = (bench_cuda.format_table(records, torch.cuda.get_device_name()) if on_cuda
+             else format_table(records, args.threads))
     print(json.dumps(records_as_dicts(records), indent=1) if args.json else table)
     if not args.no_plot:
         figure = out / ("bench-cuda.png" if on_cuda else "bench.png")
