@@ -189,6 +189,27 @@ def test_the_rollback_copies_a_parameter_whose_dtype_or_shape_changed_since_the_
     assert_unchanged(before, model, opt)
 
 
+def test_the_rollback_copies_the_tensors_of_each_device_in_one_call_and_puts_them_back(monkeypatch):
+    """One foreach copy per device (on a GPU one launch for all parameters and state, not one per tensor);
+    Adam without capturable=True keeps its step count on the CPU beside parameters on the GPU (here: meta)."""
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda slots, values: calls.append(sorted({t.device.type for t in slots + values}))
+                        or real(slots, values))
+    p, q = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    state = {p: {"step": torch.tensor(1.0, device="meta"), "exp_avg": torch.randn(3)}, q: {"exp_avg": torch.randn(2)}}
+    undo = replay.Rollback(state, {})
+    undo.save([p, q])
+    assert sorted(calls) == [["cpu"], ["meta"]]
+    start = {p: p.detach().clone(), q: q.detach().clone()}
+    with torch.no_grad():
+        p.add_(1.0)
+        q.mul_(3.0)
+    undo.restore()
+    assert torch.equal(p, start[p]) and torch.equal(q, start[q])
+
+
 def test_a_failed_step_puts_back_a_parameter_the_closure_changed_before_its_stage_moved():
     """The rollback restores what the step began with: a closure that scales a later stage's weight in place in
     pass 1 (weight normalisation by hand) and then fails must not leave the scaled weight behind."""
