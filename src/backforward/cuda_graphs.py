@@ -39,7 +39,8 @@ class CapturedStep:
     def __init__(self, optimizer: Backforward, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_fn: Callable[[Any, Any], torch.Tensor], warmup: int = 3):
         self.optimizer = optimizer
-        _refuse_what_cannot_be_captured(optimizer, inputs, targets, loss_fn)
+        params = [p for s in optimizer.stages for p in s.params]
+        _refuse_what_cannot_be_captured(optimizer, params, inputs, targets, loss_fn)
         self.inputs = inputs.detach().clone()
         self.targets = targets.detach().clone()
         side = torch.cuda.Stream()
@@ -48,7 +49,6 @@ class CapturedStep:
             for _ in range(warmup):  # lazy initialisation on the side stream, then undone
                 optimizer._run_batch(self.inputs, self.targets, loss_fn, keep=False)
         torch.cuda.current_stream().wait_stream(side)
-        params = [p for s in optimizer.stages for p in s.params]
         state = {p: dict(optimizer.state[p]) for p in params if p in optimizer.state}
         layout = _state_layout(optimizer, params)
         self.graph = torch.cuda.CUDAGraph()
@@ -81,9 +81,8 @@ class CapturedStep:
         return self.loss
 
 
-def _refuse_what_cannot_be_captured(optimizer: Backforward, inputs: torch.Tensor, targets: torch.Tensor,
-                                    loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
-    params = [p for s in optimizer.stages for p in s.params]
+def _refuse_what_cannot_be_captured(optimizer: Backforward, params: list[torch.Tensor], inputs: torch.Tensor,
+                                    targets: torch.Tensor, loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
     reasons = []
     if not all(p.is_cuda for p in params) or not inputs.is_cuda:
         reasons.append("the model and inputs must be on a CUDA device")
