@@ -1399,7 +1399,8 @@ def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy
 
     copies = []
     real = graph._feed
-    monkeypatch.setattr(graph, "_feed", lambda kept, copy: copies.append(copy) or real(kept, copy=copy))
+    monkeypatch.setattr(graph, "_feed", lambda kept, copy, last: copies.append(copy) or real(kept, copy=copy,
+                                                                                            last=last))
     torch.manual_seed(1)
     model = SideBranch()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
@@ -1589,3 +1590,39 @@ def test_a_pass_recomputes_only_what_depends_on_its_stages_when_the_output_reads
     # Pass 2 updates b after a moved: a, tanh, b and the output depend on them; c and its tanh (saved by tanh's
     # backward, so kept from pass 1) do not.
     assert recompute_sets(graph, stages, [0, 1, 2])[1] == {names.index(n) for n in ("a", "tanh", "b", "output")}
+
+
+class ScalesItsInputOnceMoved(nn.Linear):
+    """Doubles its input in place once its weight has moved from where it started (a data-dependent in-place
+    change: not in the first two passes of a step, in the third, where the chain engine feeds it a kept value)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.register_buffer("start", self.weight.detach().clone(), persistent=False)
+
+    def forward(self, x):
+        if not torch.equal(self.weight, self.start):
+            x.mul_(2.0)  # x is the first Linear's output, which autograd does not save: allowed in a plain forward
+        return super().forward(x)
+
+
+def test_a_kept_value_a_chain_child_modifies_in_place_in_a_later_pass_only_equals_the_reference():
+    """A chain's pass reads the value kept before the child of the stage that moved last through a cheaper node
+    than ``_Alias`` (``graph._LastRead``): still a non-leaf that a module may modify in place, as in the full
+    forward (a leaf that requires grad may not be); its backward stops at stage k."""
+    import backforward.graph as graph
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), ScalesItsInputOnceMoved(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(model, ["0", "1", "3"])
+    fed = []
+    real = graph._last_read
+    graph_last_read = lambda t: fed.append(t.requires_grad) or real(t)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graph, "_last_read", graph_last_read)
+        for t in range(4):
+            twins.step(x, y, seed=t)
+    # Step 1 reads the stage order; step 2 finds the kept value modified in place (its later passes run whole);
+    # in steps 3 and 4 the third pass reads it through _LastRead, and the child doubles it in place.
+    assert twins.bf._engine == "chain" and fed == [True] * 2

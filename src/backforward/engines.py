@@ -61,6 +61,12 @@ class StepSetup:
     rollback: bool = True
     rollback_store: dict = field(default_factory=dict)  # the rollback's copies, kept from step to step
 
+    @property
+    def adjusts_gradients(self) -> bool:
+        """Whether ``prepare_gradients`` has anything to do (else G'_k is the pass's gradient as it stands)."""
+        return (self.start_grads is not None or self.reduce is not None or self.grad_scaler is not None
+                or self.max_grad_norm is not None)
+
 
 @dataclass
 class StepResult:
@@ -97,6 +103,7 @@ class StageGradients:
         self.scaler = setup.grad_scaler
         self.j = 0
         self.calls = 0
+        self.meter = setup.start_grads is not None  # the meter's pass (the first, where G at θ_t is wanted)
         self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
         self.user_leaves = False    # the closure backpropagates to tensors of its own: scan every call
         self.placeholders: set[int] = set()
@@ -104,6 +111,7 @@ class StageGradients:
 
     def begin(self, j: int) -> None:
         self.j, self.calls = j, 0
+        self.meter = j == 0 and self.start_grads is not None
 
     @property
     def k(self) -> int:
@@ -119,9 +127,12 @@ class StageGradients:
     def backward(self, tensors: Any, grad_tensors: Any = None, retain_graph: bool | None = None,
                  create_graph: bool = False, inputs: Any = None) -> None:
         """One backward call of the current pass, computing what the pass needs (or the caller's ``inputs``)."""
-        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        roots = [t for t in roots if isinstance(t, torch.Tensor)]
-        if not any(t.requires_grad for t in roots):
+        if isinstance(tensors, torch.Tensor):  # the common case, without a generator
+            roots, requires_grad = [tensors], tensors.requires_grad
+        else:
+            roots = [t for t in tensors if isinstance(t, torch.Tensor)]
+            requires_grad = any(t.requires_grad for t in roots)
+        if not requires_grad:
             raise RuntimeError(f"the loss does not require grad in {self.where()}: it was computed under "
                                "torch.no_grad(), detached, or from no trainable parameter")
         if inputs is None:
@@ -129,16 +140,23 @@ class StageGradients:
         else:  # the closure names its own inputs: computed as asked, then other stages' set aside
             self._read_graph(roots)
             wanted = inputs
-        kept = [(p, p.grad) for p in self.unheld] if wanted is None else []
+        if wanted is None:
+            self._backward_whole(tensors, grad_tensors, retain_graph, create_graph)
+        else:
+            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
+        # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
+        self._show_stage_k_alone(others=wanted is None or inputs is not None or self.meter)
+
+    def _backward_whole(self, tensors: Any, grad_tensors: Any, retain_graph: bool | None, create_graph: bool) -> None:
+        """An unrestricted backward; the gradients of trainable parameters outside every stage are left as they were."""
+        kept = [(p, p.grad) for p in self.unheld]
         for p, _ in kept:
             p.grad = None  # else the whole backward accumulates into the user's gradient tensor in place
         try:
-            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
+            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph)
         finally:
             for p, g in kept:
                 p.grad = g
-        # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
-        self._show_stage_k_alone(others=wanted is None or inputs is not None or self._meter_pass())
 
     def backward_loss(self, loss: torch.Tensor) -> None:
         """``step_batch``'s backward: of the loss scaled by the GradScaler, where one is given."""
@@ -197,16 +215,13 @@ class StageGradients:
             self.placeholders.clear()
         return self.k
 
-    def _meter_pass(self) -> bool:
-        return self.j == 0 and self.start_grads is not None
-
     def _read_graph(self, roots: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scan the graph where needed: the stage order (first call of the step) and tensors of the user's."""
         first = self.j == 0 and self.calls == 0
         self.calls += 1
         if not (first or self.user_leaves):
             return []
-        scan = scan_graph(roots)
+        scan = scan_graph(roots, first_use=first and self.order is None)
         if first:
             self.whole = scan.hides_parameters
             if self.order is None:
@@ -224,13 +239,13 @@ class StageGradients:
         own = self._read_graph(roots)
         if self.whole:
             return None
-        if self._meter_pass():
+        if self.meter:
             return [p for s in self.stages for p in s.params] + own
         return [*self.stage_params[self.k], *own] if own else self.stage_params[self.k]
 
     def _show_stage_k_alone(self, others: bool) -> None:
         """Move other stages' gradients aside (into G for the meter); a stage with none shows zeros."""
-        meter = self._meter_pass()
+        meter = self.meter
         k = self.k
         for i, stage in enumerate(self.stages if others else ()):
             if i == k:
@@ -304,12 +319,14 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
                 value = value.clone()  # averaged in place with the gradients
             del loss  # the parts of its graph the restricted backward did not run would live on into the next pass
             losses.append(value)
-            measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
-            if groups is not None:
+            if setup.adjusts_gradients:
+                measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
+            if groups is not None and groups.replays:
                 groups.before_update(j)
-            setup.update(stage)
-            if groups is not None:
+                setup.update(stage)
                 groups.after_update(j)
+            else:
+                setup.update(stage)
             used[k] = [p.grad for p in stage.params]
             for p in stage.params:
                 p.grad = None  # later passes and base steps must not see it

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules import module as _module
 from torch.utils import _pytree as pytree
 
 from .engines import RunPass, StageGradients
@@ -374,6 +375,8 @@ def saved_values(model: nn.Module, graph: ModelGraph, example: Any) -> frozenset
 
 
 def _storages(value: Any) -> set[int]:
+    if isinstance(value, torch.Tensor):  # the common case, without walking a tree
+        return {value.untyped_storage().data_ptr()}
     return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
 
 
@@ -436,8 +439,7 @@ class GraphEngine:
         """The pass function for one step on this batch (nothing is kept from the step before)."""
         self._cache.clear()
         self._rng.clear()
-        self._batch = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(inputs)
-                       if isinstance(t, torch.Tensor)}
+        self._batch = _storages(inputs)
         whole = False
 
         def run(j: int, gradients: StageGradients) -> torch.Tensor:
@@ -448,8 +450,13 @@ class GraphEngine:
                 self._cache.clear()
             env: Env = [None] * len(self.graph.ops)
             env[0] = inputs
+            # The only value kept, read for the last time, where no backward reaches below it (restricted to stage
+            # k): nothing needs its gradient, or in-place changes to it, afterwards (a chain's every pass but the
+            # first reads one such value). A cheaper non-leaf will do.
+            alone = len(self._cache) == 1 and not (gradients.whole or gradients.user_leaves)
             for u in plan.loads:  # a value modified in place: a copy, where a later pass reads the kept one
-                env[u] = _feed(self._cache[u][0], copy=u in self.volatile and u not in plan.drops)
+                last = u in plan.drops
+                env[u] = _feed(self._cache[u][0], copy=u in self.volatile and not last, last=last and alone)
             for u in plan.drops:
                 del self._cache[u]
             for i, evaluate, keep, rng, frees in plan.steps:
@@ -458,11 +465,12 @@ class GraphEngine:
                         self._rng[i] = rng_snapshot()
                     else:
                         rng_restore(self._rng[i])
-                env[i] = evaluate(env)
+                value = env[i] = evaluate(env)
                 if keep:
-                    self._cache[i] = _keep(env[i], copy=i in self.volatile)
-                for u in frees:
-                    env[u] = None
+                    self._cache[i] = _keep(value, copy=i in self.volatile)
+                if frees:
+                    for u in frees:
+                        env[u] = None
             out = env[-1]
             del env
             loss = loss_fn(out, targets)
@@ -475,7 +483,8 @@ class GraphEngine:
     def _intact(self, loads: Sequence[int]) -> bool:
         """Whether every value this pass reads is as kept; marks those modified in place as volatile."""
         changed = {u for u in loads if _versions(self._cache[u][0]) != self._cache[u][1]}
-        self.graph.volatile |= changed
+        if changed:
+            self.graph.volatile |= changed
         return not changed
 
 
@@ -587,7 +596,10 @@ def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ..
 def _keep(value: Any, *, copy: bool) -> tuple[Any, tuple[int, ...]]:
     """Detached (copied, for a value a module modifies in place), with its ``requires_grad`` flag (modules
     choose kernels by it), and its version counters."""
-    kept = _map_tensors(functools.partial(_detach, copy=copy), value)
+    if isinstance(value, torch.Tensor):  # the common case, without walking a tree
+        kept = _detach(value, copy)
+        return kept, (kept._version,)
+    kept = pytree.tree_map_only(torch.Tensor, functools.partial(_detach, copy=copy), value)
     return kept, _versions(kept)
 
 
@@ -602,14 +614,22 @@ def _versions(value: Any) -> tuple[int, ...]:
     return tuple(t._version for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
-def _feed(kept: Any, *, copy: bool) -> Any:
+def _feed(kept: Any, *, copy: bool, last: bool) -> Any:
+    """A kept value for a pass to read: as a non-leaf where it requires grad, which a module may modify in place as
+    in the full forward. ``last``: nothing reads it (or another value sharing its memory) later, and no backward
+    reaches below it (see ``_LastRead``)."""
     if copy:
         kept = _map_tensors(functools.partial(_detach, copy=True), kept)
-    return _map_tensors(_non_leaf, kept)
+    non_leaf = _last_read if last else _non_leaf
+    return non_leaf(kept) if isinstance(kept, torch.Tensor) else pytree.tree_map_only(torch.Tensor, non_leaf, kept)
 
 
 def _non_leaf(t: torch.Tensor) -> torch.Tensor:
     return _Alias.apply(t) if t.requires_grad else t
+
+
+def _last_read(t: torch.Tensor) -> torch.Tensor:
+    return _LastRead(t) if t.requires_grad else t
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
@@ -626,6 +646,13 @@ class _Alias(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+
+# The kept tensor again as a non-leaf, made by a built-in autograd node (a quarter of ``_Alias``'s cost): its version
+# counter is its own, so an in-place change to it goes unseen, which only a later read of its memory would mind; and
+# its backward raises, which only a backward reaching below the kept values would run.
+_LastRead = torch._C._functions.DelayedError(
+    "backforward: a backward reached a value kept between passes, which none should; please report this", 1)
 
 
 # ---- small helpers ----
@@ -655,6 +682,4 @@ def _ambient() -> tuple:
 
 
 def global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)

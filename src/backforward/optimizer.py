@@ -201,11 +201,11 @@ class Backforward(torch.optim.Optimizer):
     def _run_batch(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor], *,
                    keep: bool = True, capturing: bool = False) -> StepResult:
         plan = self._current_plan()
-        fast = self._fast(plan, inputs)
+        tensors = _tensors(inputs)
+        fast = self._fast(plan, inputs, tensors)
         run_pass = (fast.make_pass(inputs, targets, loss_fn) if fast is not None
                     else batch_pass(self.model, inputs, targets, loss_fn))
         self._engine = fast.kind if fast is not None else "generic"
-        tensors = _tensors(inputs)
         result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
                            inputs=tensors)
         if tensors and not capturing:
@@ -266,7 +266,7 @@ class Backforward(torch.optim.Optimizer):
         ours = (id(self), id(self.base_optimizer))
         return {key: stage for key, stage in scaler_stages(scaler).items() if key not in ours}
 
-    def _fast(self, plan: _Plan, inputs: Any) -> GraphEngine | None:
+    def _fast(self, plan: _Plan, inputs: Any, tensors: Sequence[torch.Tensor]) -> GraphEngine | None:
         """The fast engine for this plan and order, once the forward order is known and the model reads as a graph.
 
         Not for an input that requires grad (every pass's backward reaches it in the definition), not on
@@ -274,7 +274,7 @@ class Backforward(torch.optim.Optimizer):
         named stages, not on the first after a ``step(closure)`` (its closure's forward gave the order): the
         generic engine runs those, reading the order.
         """
-        graph = self._graph(inputs) if not any(t.requires_grad for t in _tensors(inputs)) else None
+        graph = self._graph(inputs) if not any(t.requires_grad for t in tensors) else None
         known = plan.ordered and graph is not None and (
             plan.order_read_with is graph or (graph.kind == "chain" and not self._named_stages))
         plan.order_read_with = graph
@@ -362,16 +362,17 @@ class StageUpdate:
 
     def __call__(self, stage: Stage) -> None:
         groups = self.optimizer.param_groups
-        if len(groups) != len(self.params[id(stage)]):
+        mine = self.params[id(stage)]
+        if len(groups) != len(mine):
             raise ValueError(f"the base optimizer has {len(groups)} parameter groups where the step began with "
-                             f"{len(self.params[id(stage)])}: add parameter groups between steps, not in the closure")
-        full = [g["params"] for g in groups]
+                             f"{len(mine)}: add parameter groups between steps, not in the closure")
+        everything = [g["params"] for g in groups]
         try:
-            for g, params in zip(groups, self.params[id(stage)], strict=True):
+            for g, params in zip(groups, mine, strict=True):
                 g["params"] = params
             self.optimizer.step()
         finally:
-            for g, params in zip(groups, full, strict=True):
+            for g, params in zip(groups, everything, strict=True):
                 g["params"] = params
 
 

@@ -138,7 +138,7 @@ class Replay:
 
 
 def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
-    return {key: _copy(value) for key, value in group.items() if key != "params"}
+    return {key: value if type(value) in _ATOMS else _copy(value) for key, value in group.items() if key != "params"}
 
 
 def _changed_keys(before: dict[str, Any], group: dict[str, Any]) -> list[str]:
@@ -149,6 +149,7 @@ def _changed_keys(before: dict[str, Any], group: dict[str, Any]) -> list[str]:
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), complex)
+_ATOMS = frozenset(_IMMUTABLE)  # exactly these types (a subclass may hold more): nothing to copy, known at a glance
 
 
 def _copy(value: Any) -> Any:
@@ -189,22 +190,19 @@ class GroupStateReplay:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self.start = [_group_entries(g) for g in optimizer.param_groups]  # for a rollback
-        self.static = _keeps_no_group_state(optimizer)
+        self.replays = not _keeps_no_group_state(optimizer)  # else a base step changes no entry: nothing to replay
         self.before: list[dict[str, Any]] = []
         self.changed: list[list[str]] = []
         self.after: list[dict[str, Any]] = []
 
     def before_update(self, j: int) -> None:
-        if self.static:
-            return
+        """Called around each base step where ``replays``."""
         if j == 0:
             self.before = [_group_entries(g) for g in self.optimizer.param_groups]
         else:
             self._put(self.before, self.changed)
 
     def after_update(self, j: int) -> None:
-        if self.static:
-            return
         groups = self.optimizer.param_groups
         if j == 0:
             self.changed = [_changed_keys(before, g) for g, before in zip(groups, self.before, strict=True)]
@@ -292,10 +290,13 @@ class Rollback:
         to be copied into with the others on its device (``copies``); a copy, if it is no tensor."""
         if not isinstance(value, torch.Tensor):
             return _copy(value)
+        device = value.device
         slot = self.store.get((id(p), key))
-        if slot is None or slot.shape != value.shape or slot.dtype != value.dtype or slot.device != value.device:
+        if slot is None or slot.shape != value.shape or slot.dtype != value.dtype or slot.device != device:
             slot = self.store[(id(p), key)] = torch.empty_like(value)
-        slots, values = copies.setdefault(value.device, ([], []))
-        slots.append(slot)
-        values.append(value)
+        on_device = copies.get(device)
+        if on_device is None:
+            on_device = copies[device] = ([], [])
+        on_device[0].append(slot)
+        on_device[1].append(value)
         return slot

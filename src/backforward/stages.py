@@ -156,8 +156,9 @@ class GraphScan:
     hides_parameters: bool             # a reentrant checkpoint: its parameters are not edges of the graph
 
 
-def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
-    """Walk the graph from ``roots`` once: first use of each leaf, and whether any node hides leaves."""
+def scan_graph(roots: Sequence[torch.Tensor], first_use: bool = True) -> GraphScan:
+    """Walk the graph from ``roots`` once: its leaves, whether any node hides leaves, and (``first_use``, for
+    the data-flow order; else left empty) where each leaf is first used."""
     first: dict[int, int] = {}
     leaves: dict[int, torch.Tensor] = {}
     hides = False
@@ -170,13 +171,14 @@ def scan_graph(roots: Sequence[torch.Tensor]) -> GraphScan:
         seen.add(node)
         if isinstance(node, BackwardCFunction):  # a Python autograd.Function's node
             hides = hides or node._forward_cls is CheckpointFunction
-        order = node._sequence_nr()
+        order = node._sequence_nr() if first_use else 0
         for child, _ in node.next_functions:
             if child is None:
                 continue
             if type(child) is _AccumulateGrad:
                 leaf = child.variable
-                first[id(leaf)] = min(first.get(id(leaf), order), order)
+                if first_use:
+                    first[id(leaf)] = min(first.get(id(leaf), order), order)
                 leaves[id(leaf)] = leaf
             else:
                 stack.append(child)
