@@ -1399,8 +1399,7 @@ def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy
 
     copies = []
     real = graph._feed
-    monkeypatch.setattr(graph, "_feed", lambda kept, copy, last: copies.append(copy) or real(kept, copy=copy,
-                                                                                            last=last))
+    monkeypatch.setattr(graph, "_feed", lambda kept, copy: copies.append(copy) or real(kept, copy=copy))
     torch.manual_seed(1)
     model = SideBranch()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
@@ -1607,9 +1606,9 @@ class ScalesItsInputOnceMoved(nn.Linear):
 
 
 def test_a_kept_value_a_chain_child_modifies_in_place_in_a_later_pass_only_equals_the_reference():
-    """A chain's pass reads the value kept before the child of the stage that moved last through a cheaper node
-    than ``_Alias`` (``graph._LastRead``): still a non-leaf that a module may modify in place, as in the full
-    forward (a leaf that requires grad may not be); its backward stops at stage k."""
+    """A chain's pass reads the value kept before the child of the stage that moved last as a non-leaf
+    (``graph._non_leaf``), which a module may modify in place, as in the full forward (a leaf that requires grad
+    may not be); its backward stops at stage k."""
     import backforward.graph as graph
 
     torch.manual_seed(3)
@@ -1617,12 +1616,60 @@ def test_a_kept_value_a_chain_child_modifies_in_place_in_a_later_pass_only_equal
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(model, ["0", "1", "3"])
     fed = []
-    real = graph._last_read
-    graph_last_read = lambda t: fed.append(t.requires_grad) or real(t)  # noqa: E731
+    real = graph._non_leaf
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(graph, "_last_read", graph_last_read)
+        patch.setattr(graph, "_non_leaf", lambda t: fed.append(t.requires_grad) or real(t))
         for t in range(4):
             twins.step(x, y, seed=t)
     # Step 1 reads the stage order; step 2 finds the kept value modified in place (its later passes run whole);
-    # in steps 3 and 4 the third pass reads it through _LastRead, and the child doubles it in place.
+    # in steps 3 and 4 the third pass reads it as a non-leaf, and the child doubles it in place.
     assert twins.bf._engine == "chain" and fed == [True] * 2
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass with Python-level ``__torch_function__`` only (the default)."""
+
+
+class Tag(nn.Module):
+    def forward(self, x):
+        return x.as_subclass(Tagged)
+
+
+class TagAware(nn.Linear):
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 2 if isinstance(x, Tagged) else out
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_a_tensor_subclass_kept_between_passes_keeps_its_type(order):
+    """A kept value is fed back as the subclass it was (a built-in autograd node would hand back a plain
+    tensor, and TagAware would compute something else)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), Tag(), TagAware(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(model, ["0", "3", "5"])
+    twins.bf.order = order
+    twins.ref_stages = twins.ref_stages[::-1] if order == "reverse" else twins.ref_stages
+    for t in range(4):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"
+
+
+def test_a_hook_that_backpropagates_through_its_modules_input_steps_exactly():
+    """A forward hook calling backward() on a penalty of its module's input reaches the value kept between passes:
+    it accumulates into the detached copy, which nothing reads (a node whose backward raises would fail here)."""
+
+    def penalty(_module, inputs, _output):
+        if torch.is_grad_enabled() and inputs[0].requires_grad:
+            (1e-2 * inputs[0].pow(2).mean()).backward(retain_graph=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(model, ["0", "2", "4"])
+    for m in (model, twins.ref):
+        m[2].register_forward_hook(penalty)
+    for t in range(4):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"

@@ -450,13 +450,8 @@ class GraphEngine:
                 self._cache.clear()
             env: Env = [None] * len(self.graph.ops)
             env[0] = inputs
-            # The only value kept, read for the last time, where no backward reaches below it (restricted to stage
-            # k): nothing needs its gradient, or in-place changes to it, afterwards (a chain's every pass but the
-            # first reads one such value). A cheaper non-leaf will do.
-            alone = len(self._cache) == 1 and not (gradients.whole or gradients.user_leaves)
             for u in plan.loads:  # a value modified in place: a copy, where a later pass reads the kept one
-                last = u in plan.drops
-                env[u] = _feed(self._cache[u][0], copy=u in self.volatile and not last, last=last and alone)
+                env[u] = _feed(self._cache[u][0], copy=u in self.volatile and u not in plan.drops)
             for u in plan.drops:
                 del self._cache[u]
             for i, evaluate, keep, rng, frees in plan.steps:
@@ -614,22 +609,14 @@ def _versions(value: Any) -> tuple[int, ...]:
     return tuple(t._version for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
-def _feed(kept: Any, *, copy: bool, last: bool) -> Any:
-    """A kept value for a pass to read: as a non-leaf where it requires grad, which a module may modify in place as
-    in the full forward. ``last``: nothing reads it (or another value sharing its memory) later, and no backward
-    reaches below it (see ``_LastRead``)."""
+def _feed(kept: Any, *, copy: bool) -> Any:
     if copy:
         kept = _map_tensors(functools.partial(_detach, copy=True), kept)
-    non_leaf = _last_read if last else _non_leaf
-    return non_leaf(kept) if isinstance(kept, torch.Tensor) else pytree.tree_map_only(torch.Tensor, non_leaf, kept)
+    return _map_tensors(_non_leaf, kept)
 
 
 def _non_leaf(t: torch.Tensor) -> torch.Tensor:
     return _Alias.apply(t) if t.requires_grad else t
-
-
-def _last_read(t: torch.Tensor) -> torch.Tensor:
-    return _LastRead(t) if t.requires_grad else t
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
@@ -646,13 +633,6 @@ class _Alias(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad
-
-
-# The kept tensor again as a non-leaf, made by a built-in autograd node (a quarter of ``_Alias``'s cost): its version
-# counter is its own, so an in-place change to it goes unseen, which only a later read of its memory would mind; and
-# its backward raises, which only a backward reaching below the kept values would run.
-_LastRead = torch._C._functions.DelayedError(
-    "backforward: a backward reached a value kept between passes, which none should; please report this", 1)
 
 
 # ---- small helpers ----
