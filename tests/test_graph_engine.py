@@ -1549,6 +1549,26 @@ def test_views_of_the_batch_count_as_saved_values_though_autograd_saves_nothing_
     assert names.index("add") not in graph.saved  # x + shift: read by tanh, which saves its output, not its input
 
 
+class SplitsInTwo(nn.Module):
+    def __init__(self, reread: bool):
+        super().__init__()
+        self.reread = reread
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(3, 3)
+
+    def forward(self, x):
+        left, right = torch.chunk(self.a(x), 2, dim=1)  # one op whose value is a tuple of views of a's output
+        return self.b(left) + right if self.reread else self.b(torch.tanh(left) + torch.tanh(right))
+
+
+@pytest.mark.parametrize("reread", [True, False])
+def test_a_value_holding_several_tensors_counts_as_saved_where_autograd_saves_their_memory(reread):
+    # b saves its input (a view of a's output), so the chunks' memory is saved; tanh saves its output, not its
+    # input, and then nothing saves a's output.
+    graph = model_graph(SplitsInTwo(reread), torch.randn(5, 4))
+    names = [op.name for op in graph.ops]
+    assert (names.index("chunk") in graph.saved) is reread
+
+
 class OneLayer(nn.Module):
     def __init__(self):
         super().__init__()

@@ -591,10 +591,7 @@ def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ..
 def _keep(value: Any, *, copy: bool) -> tuple[Any, tuple[int, ...]]:
     """Detached (copied, for a value a module modifies in place), with its ``requires_grad`` flag (modules
     choose kernels by it), and its version counters."""
-    if isinstance(value, torch.Tensor):  # the common case, without walking a tree
-        kept = _detach(value, copy)
-        return kept, (kept._version,)
-    kept = pytree.tree_map_only(torch.Tensor, functools.partial(_detach, copy=copy), value)
+    kept = _map_tensors(functools.partial(_detach, copy=copy), value)
     return kept, _versions(kept)
 
 
