@@ -298,6 +298,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     replay = Replay(setup.buffers, inputs)
     undo = Rollback(setup.optimizer.state if setup.optimizer is not None else None, setup.rollback_store)
     groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
+    replaying = groups is not None and groups.replays  # else no base step changes a group entry
     used: dict[int, list[torch.Tensor | None]] = {}
     measured: dict[int, list[torch.Tensor | None]] = {}
     losses: list[torch.Tensor] = []  # on the loss's device: no host read in between
@@ -321,12 +322,11 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             losses.append(value)
             if setup.adjusts_gradients:
                 measured[k] = prepare_gradients(setup, stage, value, meter=j == 0, finite=finite_grads)
-            if groups is not None and groups.replays:
+            if replaying:
                 groups.before_update(j)
-                setup.update(stage)
+            setup.update(stage)
+            if replaying:
                 groups.after_update(j)
-            else:
-                setup.update(stage)
             used[k] = [p.grad for p in stage.params]
             for p in stage.params:
                 p.grad = None  # later passes and base steps must not see it
