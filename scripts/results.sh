@@ -11,14 +11,16 @@ $backforward study all --out runs/report
 $backforward bench --out runs/bench > docs/results/bench.txt
 cp runs/bench/bench.png docs/results/bench.png
 $backforward bench --distributed > docs/results/bench-distributed.txt
-# The README shows the two bench outputs verbatim, in the first two plain code blocks of its Results section.
+# The README shows the bench outputs verbatim, in the first plain code blocks of its Results section: the two
+# above, then the GPU ones that scripts/cuda.sh wrote on a GPU machine (copied into docs/results).
 .venv/bin/python - <<'PY'
 from pathlib import Path
 
 readme = Path("README.md")
 lines = readme.read_text().split("\n")
 start, end = lines.index("## Results"), lines.index("## Layout")
-outputs = [Path(f"docs/results/{name}").read_text().rstrip().split("\n") for name in ("bench.txt", "bench-distributed.txt")]
+outputs = [Path(f"docs/results/{name}").read_text().rstrip().split("\n") for name in
+           ("bench.txt", "bench-distributed.txt", "bench-cuda.txt", "bench-cuda-large.txt")]
 opening, i = [], start  # the lines opening a plain code block (```, not ```bash), in order
 while i < end:
     if lines[i].startswith("```"):

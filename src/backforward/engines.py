@@ -140,23 +140,16 @@ class StageGradients:
         else:  # the closure names its own inputs: computed as asked, then other stages' set aside
             self._read_graph(roots)
             wanted = inputs
-        if wanted is None:
-            self._backward_whole(tensors, grad_tensors, retain_graph, create_graph)
-        else:
-            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
-        # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
-        self._show_stage_k_alone(others=wanted is None or inputs is not None or self.meter)
-
-    def _backward_whole(self, tensors: Any, grad_tensors: Any, retain_graph: bool | None, create_graph: bool) -> None:
-        """An unrestricted backward; the gradients of trainable parameters outside every stage are left as they were."""
-        kept = [(p, p.grad) for p in self.unheld]
+        kept = [(p, p.grad) for p in self.unheld] if wanted is None else []
         for p, _ in kept:
             p.grad = None  # else the whole backward accumulates into the user's gradient tensor in place
         try:
-            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph)
+            _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
         finally:
             for p, g in kept:
                 p.grad = g
+        # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
+        self._show_stage_k_alone(others=wanted is None or inputs is not None or self.meter)
 
     def backward_loss(self, loss: torch.Tensor) -> None:
         """``step_batch``'s backward: of the loss scaled by the GradScaler, where one is given."""

@@ -156,7 +156,7 @@ class GraphScan:
     hides_parameters: bool             # a reentrant checkpoint: its parameters are not edges of the graph
 
 
-def scan_graph(roots: Sequence[torch.Tensor], first_use: bool = True) -> GraphScan:
+def scan_graph(roots: Sequence[torch.Tensor], *, first_use: bool) -> GraphScan:
     """Walk the graph from ``roots`` once: its leaves, whether any node hides leaves, and (``first_use``, for
     the data-flow order; else left empty) where each leaf is first used."""
     first: dict[int, int] = {}
@@ -171,15 +171,15 @@ def scan_graph(roots: Sequence[torch.Tensor], first_use: bool = True) -> GraphSc
         seen.add(node)
         if isinstance(node, BackwardCFunction):  # a Python autograd.Function's node
             hides = hides or node._forward_cls is CheckpointFunction
-        order = node._sequence_nr() if first_use else 0
         for child, _ in node.next_functions:
             if child is None:
                 continue
             if type(child) is _AccumulateGrad:
                 leaf = child.variable
-                if first_use:
-                    first[id(leaf)] = min(first.get(id(leaf), order), order)
                 leaves[id(leaf)] = leaf
+                if first_use:
+                    order = node._sequence_nr()
+                    first[id(leaf)] = min(first.get(id(leaf), order), order)
             else:
                 stack.append(child)
     return GraphScan(first, leaves, hides)
