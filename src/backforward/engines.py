@@ -214,7 +214,7 @@ class StageGradients:
         self.calls += 1
         if not (first or self.user_leaves):
             return []
-        scan = scan_graph(roots, first_use=first and self.order is None)
+        scan = scan_graph(roots, first_use=self.order is None)  # the order is read by the first call, if at all
         if first:
             self.whole = scan.hides_parameters
             if self.order is None:
