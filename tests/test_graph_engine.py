@@ -1693,3 +1693,15 @@ def test_a_hook_that_backpropagates_through_its_modules_input_steps_exactly():
     for t in range(4):
         twins.step(x, y, seed=t)
     assert twins.bf._engine == "chain"
+
+
+def test_the_gradients_a_fast_step_leaves_record_no_graph():
+    """As after a plain backward: each stage's .grad is a plain tensor, with no graph of the gradient kept alive."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        opt.step_batch(x, y, F.cross_entropy)
+    assert opt._engine == "chain"
+    assert all(p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad for p in model.parameters())
