@@ -1444,8 +1444,9 @@ def test_each_pass_lets_a_value_go_after_its_last_read_and_keeps_nothing_after_t
     graph = next(iter(twins.bf._graphs.values()))
     assert engines == ["generic", "graph", "graph", "graph"] and [graph.ops[i].name for i in graph.volatile] == ["a"]
     # 4 passes a step, and in step 1 the check of the traced graph: forward() (alive[0]), then the graph run
-    # whole twice, holding every value (alive[1]; alive[2], reading which values backward saves), before the passes.
-    assert len(alive) == 3 + 4 * 4 and not any(alive[:1] + alive[3:])
+    # whole three times, holding every value (alive[1]; alive[2], reading which values backward saves; alive[3],
+    # which parameters each op reads), before the passes.
+    assert len(alive) == 4 + 4 * 4 and not any(alive[:1] + alive[4:])
     assert held == [[]] * 4
 
 
@@ -1705,3 +1706,94 @@ def test_the_gradients_a_fast_step_leaves_record_no_graph():
         opt.step_batch(x, y, F.cross_entropy)
     assert opt._engine == "chain"
     assert all(p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad for p in model.parameters())
+
+
+class Peek(nn.Module):
+    """Scales its input by the mean of another module's weight, reached through a plain list (outside the module
+    tree, so not among its parameters): its value depends on that module's stage."""
+
+    def __init__(self, other: nn.Module):
+        super().__init__()
+        self._other = [other]
+
+    def forward(self, x):
+        return x * self._other[0].weight.mean()
+
+
+class CountingPeek(Peek):
+    def __init__(self, other: nn.Module):
+        super().__init__(other)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+class PeekingBlock(nn.Module):
+    """Not a Sequential (traced by fx): a gate with a parameter of its own (called whole) that also reads the
+    next layer's weight through a plain list."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gate = PeekWithOwn(self.b)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(self.gate(self.a(x)))))
+
+
+class PeekWithOwn(Peek):
+    def __init__(self, other: nn.Module):
+        super().__init__(other)
+        self.scale = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_a_module_reading_another_modules_weight_outside_the_module_tree_is_recomputed_when_it_moves():
+    """The chain's Peek owns no parameter but reads layer 2's weight: a pass after layer 2 moved must recompute
+    it (the plan used to keep its stale value); found by one probe forward when the graph is read."""
+    torch.manual_seed(0)
+    first, second, last = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+    model = nn.Sequential(first, Peek(second), second, last)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    twins = BesideReference(model, ["0", "2", "3"])
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"
+    graph = next(iter(twins.bf._graphs.values()))
+    assert graph.ops[2].params == (id(second.weight),)
+
+
+def test_a_traced_module_reading_another_modules_weight_outside_the_module_tree_steps_exactly():
+    """fx calls the gate whole (it owns a parameter); with the stages given in the order a, gate, b, head, the
+    head's pass comes right after b moved and must recompute the gate, which reads b's weight."""
+    torch.manual_seed(0)
+    model = PeekingBlock()
+    ref = clone(model, [])[0]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    names = ["a", "gate", "b", "head"]
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                      stages=[model.get_submodule(n) for n in names])
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    ref_stages = [list(ref.get_submodule(n).parameters()) for n in names]
+    for _ in range(3):
+        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        opt.step_batch(x, y, F.cross_entropy)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+    assert opt._engine == "graph"
+
+
+def test_reading_which_parameters_each_op_reads_leaves_no_trace():
+    """The probe forward puts back random numbers, buffers and the modules' plain attributes."""
+    torch.manual_seed(0)
+    second = nn.Linear(6, 6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), CountingPeek(second), second, nn.BatchNorm1d(6))
+    x = torch.randn(8, 4)
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    model_graph(model, x)
+    assert model[2].calls == 0 and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))

@@ -2,8 +2,9 @@
 
 A model's forward is read as a graph of calls (``ModelGraph``): an ``nn.Sequential`` as the
 chain of its children, any other model by ``torch.fx`` symbolic tracing. Each call is a
-node; a node *depends on* a stage if it uses that stage's parameters or reads a node that
-does. In pass j (updating stage k = order[j]; stage order[j-1] moved just before) a node
+node; a node *depends on* a stage if it uses that stage's parameters (its own, or any it
+reads through a reference outside the module tree, which one probe forward records) or reads
+a node that does. In pass j (updating stage k = order[j]; stage order[j-1] moved just before) a node
 is recomputed if it depends on order[j-1] (its value is stale) or on order[j] (its graph
 carries stage k's gradient); every other value is the one the latest pass computed, kept
 detached and fed back with its ``requires_grad`` flag, so the backward stops at stage k.
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.nn.modules import module as _module
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .engines import RunPass, StageGradients
@@ -61,7 +63,7 @@ class Op:
     name: str
     evaluate: Callable[[Env], Any]
     reads: tuple[int, ...] = ()
-    params: tuple[int, ...] = ()    # id() of parameters it uses itself
+    params: tuple[int, ...] = ()    # id() of parameters it uses itself (owned, or reached outside the module tree)
     buffers: tuple[int, ...] = ()   # id() of buffers it reads or writes itself
     free: bool = False              # an input or attribute lookup: evaluated whenever read, never kept
     module: nn.Module | None = None  # the module it calls, if it calls one
@@ -92,9 +94,11 @@ def model_graph(model: nn.Module, example: Any) -> ModelGraph:
     if global_hooks():
         raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
     if plain_sequential(model):
-        return chain_graph(model)  # children called whole: what they save is read as saved (no probe forward)
-    graph = traced_graph(model, example)
-    graph.saved = saved_values(model, graph, example)
+        graph = chain_graph(model)  # children called whole: what they save is read as saved (no probe of that)
+    else:
+        graph = traced_graph(model, example)
+        graph.saved = saved_values(model, graph, example)
+    add_parameters_read(model, graph, example)
     return graph
 
 
@@ -372,6 +376,45 @@ def saved_values(model: nn.Module, graph: ModelGraph, example: Any) -> frozenset
         buffers.put_back()
     saved |= _storages(env[0])
     return frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Records which of ``parameters`` the torch functions called get as arguments: any use of a parameter
+    begins with one such call on the parameter itself (an op, a method, an attribute such as ``.data``)."""
+
+    def __init__(self, parameters: dict[int, nn.Parameter]):
+        super().__init__()
+        self.parameters = parameters
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        self.read.update(id(t) for t in pytree.tree_leaves((args, kwargs)) if id(t) in self.parameters)
+        return func(*args, **kwargs)
+
+
+def add_parameters_read(model: nn.Module, graph: ModelGraph, example: Any) -> None:
+    """Each op's parameters, with those of the model it reads without owning them (a module keeping a reference
+    to another's weight outside the module tree): the value the op makes depends on their stages too, so a
+    pass after one of them moved recomputes it. Found by one forward of the graph, left without a trace
+    (random numbers, buffers and modules' plain attributes are put back)."""
+    parameters = {id(p): p for p in model.parameters()}
+    settings = [(m, settings_of(m, private=True)) for m in model.modules()]
+    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    env: Env = [None] * len(graph.ops)
+    env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
+    try:
+        with torch.enable_grad():
+            for i, op in enumerate(graph.ops[1:], start=1):
+                with _ParameterReads(parameters) as reads:
+                    env[i] = op.evaluate(env)
+                op.params += tuple(sorted(reads.read - set(op.params)))
+    finally:
+        rng_restore(rng)
+        buffers.put_back()
+        for m, before in settings:
+            for key, value in before:
+                setattr(m, key, value)
 
 
 def _storages(value: Any) -> set[int]:
