@@ -140,6 +140,8 @@ class StageGradients:
         else:  # the closure names its own inputs: computed as asked, then other stages' set aside
             self._read_graph(roots)
             wanted = inputs
+        if self.placeholders:
+            self._drop_placeholders()  # this backward may reach the stage an earlier one did not
         kept = [(p, p.grad) for p in self.unheld] if wanted is None else []
         for p, _ in kept:
             p.grad = None  # else the whole backward accumulates into the user's gradient tensor in place
@@ -202,11 +204,17 @@ class StageGradients:
             self.calls = 1
             self._show_stage_k_alone(others=True)
         if self.placeholders:
-            for p in self.stages[self.k].params:
-                if id(p.grad) in self.placeholders:
-                    p.grad = None  # an unused stage: no gradient, no update
-            self.placeholders.clear()
+            self._drop_placeholders()  # an unused stage: no gradient, no update
         return self.k
+
+    def _drop_placeholders(self) -> None:
+        """Take back the zeros shown for stage k where no backward reached it: when the pass ends, and before
+        another backward of the pass (a forward hook's first, then the loss's), which would add into them in place
+        and leave a gradient that looked unused."""
+        for p in self.stages[self.k].params:
+            if id(p.grad) in self.placeholders:
+                p.grad = None
+        self.placeholders.clear()
 
     def _read_graph(self, roots: list[torch.Tensor]) -> list[torch.Tensor]:
         """Scan the graph where needed: the stage order (first call of the step) and tensors of the user's."""
