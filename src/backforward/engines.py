@@ -280,7 +280,8 @@ def batch_pass(model: nn.Module, inputs: Any, targets: Any,
                loss_fn: Callable[[Any, Any], torch.Tensor]) -> RunPass:
     """The generic engine's pass for ``step_batch``: the whole forward, backward restricted to stage k."""
     def run(_j: int, gradients: StageGradients) -> torch.Tensor:
-        loss = loss_fn(model(inputs), targets)
+        with gradients.intercepting_backward():  # a backward inside the forward (a hook's) is the pass's
+            loss = loss_fn(model(inputs), targets)
         gradients.backward_loss(loss)
         return loss
 

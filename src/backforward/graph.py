@@ -491,28 +491,29 @@ class GraphEngine:
             if j > 0 and not whole and not self._intact(plan.loads):
                 whole, plan = True, self._whole
                 self._cache.clear()
-            env: Env = [None] * len(self.graph.ops)
-            env[0] = inputs
-            for u in plan.loads:  # a value modified in place: a copy, where a later pass reads the kept one
-                env[u] = _feed(self._cache[u][0], copy=u in self.volatile and u not in plan.drops)
-            for u in plan.drops:
-                del self._cache[u]
-            for i, evaluate, keep, rng, frees in plan.steps:
-                if rng:
-                    if j == 0:
-                        self._rng[i] = rng_snapshot()
-                    else:
-                        rng_restore(self._rng[i])
-                value = env[i] = evaluate(env)
-                if keep:
-                    self._cache[i] = _keep(value, copy=i in self.volatile)
-                if frees:
-                    for u in frees:
-                        env[u] = None
-            out = env[-1]
-            del env
-            loss = loss_fn(out, targets)
-            del out
+            with gradients.intercepting_backward():  # a backward inside the forward (a hook's) is the pass's
+                env: Env = [None] * len(self.graph.ops)
+                env[0] = inputs
+                for u in plan.loads:  # a value modified in place: a copy, where a later pass reads the kept one
+                    env[u] = _feed(self._cache[u][0], copy=u in self.volatile and u not in plan.drops)
+                for u in plan.drops:
+                    del self._cache[u]
+                for i, evaluate, keep, rng, frees in plan.steps:
+                    if rng:
+                        if j == 0:
+                            self._rng[i] = rng_snapshot()
+                        else:
+                            rng_restore(self._rng[i])
+                    value = env[i] = evaluate(env)
+                    if keep:
+                        self._cache[i] = _keep(value, copy=i in self.volatile)
+                    if frees:
+                        for u in frees:
+                            env[u] = None
+                out = env[-1]
+                del env
+                loss = loss_fn(out, targets)
+                del out
             gradients.backward_loss(loss)
             return loss
 
