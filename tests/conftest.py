@@ -94,3 +94,21 @@ def assert_same_params(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
 @pytest.fixture
 def ce():
     return nn.functional.cross_entropy
+
+
+def activation_penalty(_module, inputs, _output):
+    """A forward hook that calls backward() on a penalty of its module's input, as activation penalties do."""
+    if torch.is_grad_enabled() and inputs[0].requires_grad:
+        (1e-2 * inputs[0].pow(2).mean()).backward(retain_graph=True)
+
+
+def penalised_mlp_beside_reference(order: str):
+    """A float64 MLP whose middle layer's hook backpropagates a penalty in every forward, its twin for
+    reference_step with the stages in update order, their SGD optimizers, and a batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[2].register_forward_hook(activation_penalty)
+    ref, ref_stages = clone(model, [list(model[i].parameters()) for i in (0, 2, 4)])
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    return model, ref, ref_stages[::-1] if order == "reverse" else ref_stages, ref_opt, x, y

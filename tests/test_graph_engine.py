@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_same_params, clone
+from conftest import assert_same_params, clone, penalised_mlp_beside_reference
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1804,22 +1804,11 @@ def test_reading_which_parameters_each_op_reads_leaves_no_trace():
 def test_a_forward_hook_that_backpropagates_in_step_batch_steps_exactly(order):
     """As in a closure: a backward() inside the forward (a hook's activation penalty) is the pass's, restricted to
     stage k; run by torch directly it would add into stages that move later in the step."""
-
-    def penalty(_module, inputs, _output):
-        if torch.is_grad_enabled() and inputs[0].requires_grad:
-            (1e-2 * inputs[0].pow(2).mean()).backward(retain_graph=True)
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    model[2].register_forward_hook(penalty)
-    ref, ref_stages = clone(model, [list(model[i].parameters()) for i in (0, 2, 4)])
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model, ref, ref_stages, ref_opt, x, y = penalised_mlp_beside_reference(order)
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), order=order)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     engines = []
     for _ in range(3):
-        reference_step(ref, ref_opt, ref_stages[::-1] if order == "reverse" else ref_stages,
-                       lambda: backward(F.cross_entropy(ref(x), y)))
+        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
         opt.step_batch(x, y, F.cross_entropy)
         engines.append(opt._engine)
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from awkward import CASES
-from conftest import assert_same_params, clone, make
+from conftest import assert_same_params, clone, make, penalised_mlp_beside_reference
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -1934,21 +1934,10 @@ def test_a_forward_hook_that_backpropagates_before_the_loss_leaves_the_stage_its
     every pass before the closure's loss.backward(). Where the penalty does not reach stage k, the zeros shown for
     it after the hook's backward must not swallow the loss's gradient (added into them in place, they looked like
     an unused stage's: the stage got no update)."""
-
-    def penalty(_module, inputs, _output):
-        if torch.is_grad_enabled() and inputs[0].requires_grad:
-            (1e-2 * inputs[0].pow(2).mean()).backward(retain_graph=True)
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    model[2].register_forward_hook(penalty)
-    ref, ref_stages = clone(model, [list(model[i].parameters()) for i in (0, 2, 4)])
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model, ref, ref_stages, ref_opt, x, y = penalised_mlp_beside_reference(order)
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), order=order)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for _ in range(2):
-        reference_step(ref, ref_opt, ref_stages[::-1] if order == "reverse" else ref_stages,
-                       lambda: backward(F.cross_entropy(ref(x), y)))
+        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
         opt.step(lambda: backward(F.cross_entropy(model(x), y)))
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
         assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
