@@ -2,6 +2,7 @@
 
 import copy
 import math
+import threading
 import warnings
 
 import pytest
@@ -1478,6 +1479,68 @@ def test_a_closure_calling_autograd_backward_on_a_list_of_losses():
         return closure
 
     against_reference(model, closure_for)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_steps_in_two_threads_each_route_their_own_backward_and_leave_torchs_in_place(batch):
+    """In the second step, thread a's first pass begins, then thread b's; a finishes its whole step while b's first
+    pass still runs, then b calls backward(). Each step matches the reference, and torch.autograd.backward is
+    torch's afterwards (a patch put back per pass would have left a's in place: b put back what it found on
+    entering). The first step reads the model's graph, whose probe forward calls the hook outside any pass."""
+    original = torch.autograd.backward
+    model, x, y = small_mlp()
+    models = {name: copy.deepcopy(model) for name in "ab"}
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    first = {"a": False, "b": False}
+    errors = []
+
+    def meet(name):
+        if not first[name]:
+            return
+        first[name] = False
+        if name == "a":
+            a_in.set()
+            assert b_in.wait(10)
+        else:
+            assert a_in.wait(10)
+            b_in.set()
+            assert a_done.wait(10)
+
+    def work(name):
+        try:
+            m = models[name]
+            opt = Backforward(m, torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.5))
+            def closure():
+                loss = F.cross_entropy(m(x), y)
+                meet(name)
+                loss.backward()
+                return loss
+
+            if batch:
+                m[0].register_forward_hook(lambda *_: meet(name))
+            for second in (False, True):
+                first[name] = second
+                opt.step_batch(x, y, F.cross_entropy) if batch else opt.step(closure)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            errors.append(e)
+        finally:
+            if name == "a":
+                a_done.set()
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert torch.autograd.backward is original
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.5)
+    for _ in range(2):
+        reference_step(ref, ref_opt, [list(m.parameters(recurse=False)) for m in ref if list(m.parameters())],
+                       lambda: backward(F.cross_entropy(ref(x), y)))
+    for m in models.values():
+        assert_same_params(m, ref, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")

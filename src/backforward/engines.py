@@ -107,6 +107,7 @@ class StageGradients:
         self.whole = False          # a reentrant checkpoint hides parameters: every backward runs whole
         self.user_leaves = False    # the closure backpropagates to tensors of its own: scan every call
         self.placeholders: set[int] = set()
+        self.busy = False           # inside this pass's backward
         self.stage_params = [list(s.params) for s in setup.stages]
 
     def begin(self, j: int) -> None:
@@ -145,9 +146,11 @@ class StageGradients:
         kept = [(p, p.grad) for p in self.unheld] if wanted is None else []
         for p, _ in kept:
             p.grad = None  # else the whole backward accumulates into the user's gradient tensor in place
+        self.busy = True  # a backward inside this one (a reentrant checkpoint's recomputation) is not the pass's
         try:
             _autograd_backward(tensors, grad_tensors, retain_graph, create_graph, inputs=wanted)
         finally:
+            self.busy = False
             for p, g in kept:
                 p.grad = g
         # Restricted to stage k, nothing else got a gradient: only a wider backward needs tidying up.
@@ -159,32 +162,9 @@ class StageGradients:
 
     @contextmanager
     def intercepting_backward(self) -> Iterator[None]:
-        """While a closure runs, its ``backward()`` calls go through ``self.backward``.
-
-        Calls from other threads and calls made inside a backward (a reentrant checkpoint's
-        recomputation) pass through unchanged.
-        """
-        original = torch.autograd.backward
-        thread = threading.get_ident()
-        busy = False
-
-        @functools.wraps(original)
-        def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, grad_variables=None,
-                     inputs=None):
-            nonlocal busy
-            if busy or grad_variables is not None or threading.get_ident() != thread:
-                return original(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
-            busy = True
-            try:
-                self.backward(tensors, grad_tensors, retain_graph, create_graph, inputs)
-            finally:
-                busy = False
-
-        torch.autograd.backward = backward
-        try:
+        """While a closure runs, its ``backward()`` calls in this thread go through ``self.backward``."""
+        with _ROUTER.routing_to(self):
             yield
-        finally:
-            torch.autograd.backward = original
 
     def finish(self, loss: object) -> int:
         """The stage this pass updates, once the pass's loss is checked."""
@@ -265,6 +245,56 @@ class StageGradients:
         for p in mine:
             p.grad = torch.zeros_like(p)
             self.placeholders.add(id(p.grad))
+
+
+class _BackwardRouter:
+    """Sends each thread's ``torch.autograd.backward`` calls to the StageGradients whose pass that thread runs.
+
+    ``Tensor.backward()`` calls ``torch.autograd.backward``: while any pass of any thread is
+    running, that name is this router (counted, so that steps in several threads do not put
+    back each other's), and each thread keeps its own stack of running passes. Calls from a
+    thread with no pass running, from inside a pass's backward (a reentrant checkpoint's
+    recomputation) or with the deprecated ``grad_variables`` pass through unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0            # passes running, all threads together
+        self.installed = False
+        self.found: Callable[..., Any] = _autograd_backward  # what torch.autograd.backward was when installed
+        self.local = threading.local()
+
+        @functools.wraps(_autograd_backward)
+        def backward(tensors: Any, grad_tensors: Any = None, retain_graph: bool | None = None,
+                     create_graph: bool = False, grad_variables: Any = None, inputs: Any = None) -> None:
+            stack = self.local.__dict__.get("stack")
+            if not stack or stack[-1].busy or grad_variables is not None:
+                return self.found(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+            return stack[-1].backward(tensors, grad_tensors, retain_graph, create_graph, inputs)
+
+        self.backward = backward
+
+    @contextmanager
+    def routing_to(self, gradients: StageGradients) -> Iterator[None]:
+        with self.lock:
+            if not self.installed:
+                self.found, self.installed = torch.autograd.backward, True
+                torch.autograd.backward = self.backward
+            self.running += 1
+        stack = self.local.__dict__.setdefault("stack", [])
+        stack.append(gradients)
+        try:
+            yield
+        finally:
+            stack.pop()
+            with self.lock:
+                self.running -= 1
+                # Put back only what is still ours: a patch made over it since stays, with us inside it.
+                if self.running == 0 and torch.autograd.backward is self.backward:
+                    torch.autograd.backward, self.installed = self.found, False
+
+
+_ROUTER = _BackwardRouter()
 
 
 def closure_pass(closure: Callable[[], torch.Tensor]) -> RunPass:
