@@ -93,12 +93,8 @@ def model_graph(model: nn.Module, example: Any) -> ModelGraph:
         raise Refusal("the model has forward hooks, which a graph of its calls would not fire")
     if global_hooks():
         raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
-    if plain_sequential(model):
-        graph = chain_graph(model)  # children called whole: what they save is read as saved (no probe of that)
-    else:
-        graph = traced_graph(model, example)
-        graph.saved = saved_values(model, graph, example)
-    add_parameters_read(model, graph, example)
+    graph = chain_graph(model) if plain_sequential(model) else traced_graph(model, example)
+    probe(model, graph, example)
     return graph
 
 
@@ -355,29 +351,6 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, setti
                       "(a Python branch that tracing fixed)")
 
 
-def saved_values(model: nn.Module, graph: ModelGraph, example: Any) -> frozenset[int]:
-    """The ops whose value a forward with grad saves for its backward (by storage), or that view the batch:
-    keeping one of them for a later pass holds no memory a plain step does not."""
-    saved: set[int] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.add(t.untyped_storage().data_ptr())
-        return t
-
-    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
-    env: Env = [None] * len(graph.ops)
-    env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            for i, op in enumerate(graph.ops[1:], start=1):
-                env[i] = op.evaluate(env)
-    finally:
-        rng_restore(rng)
-        buffers.put_back()
-    saved |= _storages(env[0])
-    return frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
-
-
 class _ParameterReads(TorchFunctionMode):
     """Records which of ``parameters`` the torch functions called get as arguments: any use of a parameter
     begins with one such call on the parameter itself (an op, a method, an attribute such as ``.data``)."""
@@ -393,18 +366,30 @@ class _ParameterReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def add_parameters_read(model: nn.Module, graph: ModelGraph, example: Any) -> None:
-    """Each op's parameters, with those of the model it reads without owning them (a module keeping a reference
-    to another's weight outside the module tree): the value the op makes depends on their stages too, so a
-    pass after one of them moved recomputes it. Found by one forward of the graph, left without a trace
-    (random numbers, buffers and modules' plain attributes are put back)."""
+def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
+    """One forward of the graph on the first batch, with grad, reading two things its ops do not say; it leaves
+    no trace (random numbers, buffers and modules' plain attributes are put back).
+
+    - Each op's parameters gain those of the model it reads without owning them (a module keeping a reference
+      to another's weight outside the module tree): the value it makes depends on their stages too, so a pass
+      after one of them moved recomputes it.
+    - A traced graph's ``saved``: the ops whose value a forward with grad saves for its backward (by storage),
+      or that view the batch; keeping one for a later pass holds no memory a plain step does not. (A chain's
+      children are called whole: what they save stays unknown, counted as saved.)
+    """
     parameters = {id(p): p for p in model.parameters()}
     settings = [(m, settings_of(m, private=True)) for m in model.modules()]
+    saved: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
     rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
     env: Env = [None] * len(graph.ops)
     env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             for i, op in enumerate(graph.ops[1:], start=1):
                 with _ParameterReads(parameters) as reads:
                     env[i] = op.evaluate(env)
@@ -415,6 +400,9 @@ def add_parameters_read(model: nn.Module, graph: ModelGraph, example: Any) -> No
         for m, before in settings:
             for key, value in before:
                 setattr(m, key, value)
+    if graph.kind == "graph":
+        saved |= _storages(env[0])
+        graph.saved = frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
 
 
 def _storages(value: Any) -> set[int]:
