@@ -84,11 +84,11 @@ def clone(model: nn.Module, stages: list[list[nn.Parameter]]):
     return twin, [[params[index[id(p)]] for p in s] for s in stages]
 
 
-def assert_same_params(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+def assert_same_params(a: nn.Module, b: nn.Module, atol: float = 0.0, rtol: float = 0.0) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(p, q, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
     for (name, p), q in zip(a.named_buffers(), b.buffers(), strict=True):
-        torch.testing.assert_close(p, q, atol=atol, rtol=1e-5, msg=lambda m, n=name: f"buffer {n}: {m}")
+        torch.testing.assert_close(p, q, atol=atol, rtol=rtol, msg=lambda m, n=name: f"buffer {n}: {m}")
 
 
 @pytest.fixture

@@ -171,6 +171,7 @@ def test_two_ranks_step_like_one_process_on_the_whole_batch(monkeypatch, extra_o
         assert not isinstance(result, BaseException), result
         replica, bf, losses = result
         for (name, p), q in zip(replica.named_parameters(), expected.parameters(), strict=True):
+            # Half-batch means averaged are not the full-batch mean bit for bit.
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
         # Every rank reports the pass losses of the whole batch, as one process would.
         assert losses == [pytest.approx(ref, rel=1e-5) for ref in reference_losses]

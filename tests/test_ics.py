@@ -346,4 +346,4 @@ def test_the_meter_takes_g_from_every_backward_of_the_first_pass_and_from_it_alo
     assert report.grad_shift == pytest.approx([float((g - h).norm()) for g, h in zip(G, G_prime, strict=True)],
                                               rel=1e-9, abs=1e-15)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

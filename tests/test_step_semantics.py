@@ -56,8 +56,8 @@ def test_clipping_means_per_stage_norm_whatever_the_meter_stages_or_step(track_i
         option.step_batch(x, y, F.cross_entropy)
         for p in model.parameters():
             assert float(p.grad.norm()) <= c * (1 + 1e-6) or p.grad.dim() == 1
-        assert_same_params(model, ref, atol=1e-12)
-        assert_same_params(by_option, ref, atol=1e-12)
+        assert_same_params(model, ref)
+        assert_same_params(by_option, ref)
 
 
 def test_clipping_by_hand_scales_each_stage_to_the_bound():
@@ -619,7 +619,7 @@ def test_changing_the_order_between_steps_follows_it():
                    lambda: backward(case.loss_fn(ref(x), y)))
     torch.manual_seed(5)
     opt.step_batch(x, y, case.loss_fn)
-    assert_same_params(model, ref, atol=1e-12)
+    assert_same_params(model, ref)
     opt.order = "sideways"
     with pytest.raises(ValueError, match="order must be one of"):
         opt.step_batch(x, y, case.loss_fn)
@@ -658,7 +658,7 @@ def test_bfloat16_autocast_equals_reference():
         reference_step(ref, ref_opt, [list(m.parameters()) for m in ref if list(m.parameters())],
                        amp_closure(ref, x, y))
         opt.step(amp_closure(model, x, y))
-    assert_same_params(model, ref, atol=0)
+    assert_same_params(model, ref)
 
 
 def test_grad_scaler_unscales_each_pass_and_skips_steps_with_inf():
@@ -672,7 +672,7 @@ def test_grad_scaler_unscales_each_pass_and_skips_steps_with_inf():
         scaler.update()
         plain.step(amp_closure(unscaled, x, y))
         assert not opt.last_step_skipped
-        assert_same_params(model, unscaled, atol=0)
+        assert_same_params(model, unscaled)
     assert scaler.get_scale() == 2.0 ** 11  # grew once after two clean steps
     before = snapshot(model, opt)[:2]
     overflowing = overflowing_in_pass_2(model, x, y, scaler)
@@ -707,7 +707,7 @@ def test_cuda_float16_autocast_with_grad_scaler_equals_unscaled():
         scaler.update()
         torch.manual_seed(t)
         plain.step(closure(twin))
-    assert_same_params(model, twin, atol=1e-6)
+    assert_same_params(model, twin, atol=1e-6, rtol=1e-5)  # float16 gradients scaled and not: not bit for bit
 
 
 def test_default_stages_with_a_reentrant_checkpoint_are_refused_before_anything_moves():
@@ -741,7 +741,7 @@ def against_reference(model, closure_for, steps=2, lr=0.2, **kwargs):
     for _ in range(steps):
         reference_step(ref, ref_opt, stages, closure_for(ref, ref_opt))
         opt.step(closure_for(model, opt))
-    assert_same_params(model, ref, atol=1e-12)
+    assert_same_params(model, ref)
     return opt
 
 
@@ -828,7 +828,7 @@ def test_a_step_inside_no_grad_still_trains():
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.2))
     with torch.no_grad():
         opt.step(closure_for(model, opt))
-    assert_same_params(model, ref, atol=1e-12)
+    assert_same_params(model, ref)
 
 
 @pytest.mark.parametrize("when", ["in the closure", "before the step"])
@@ -878,7 +878,7 @@ def test_one_scaler_for_two_optimizers_as_in_a_gan():
         opt_alone.step(amp_closure(alone, x, y, scaler_alone))
         scaler_alone.update()
         assert not opt.last_step_skipped
-        assert_same_params(model, alone, atol=0)
+        assert_same_params(model, alone)
 
 
 def test_resuming_through_the_base_optimizer_keeps_scheduler_and_state_shared():
@@ -909,7 +909,7 @@ def test_a_model_that_modifies_its_input_in_place_sees_the_same_batch_in_every_p
         reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x.clone()), y)))
         torch.manual_seed(t)
         opt.step_batch(x.clone(), y, F.cross_entropy)
-        assert_same_params(model, ref, atol=1e-12)
+        assert_same_params(model, ref)
 
 
 def test_explicit_stages_are_checked_alike_and_read_once():
@@ -1085,7 +1085,7 @@ def test_a_model_that_starts_modifying_its_input_gets_the_step_undone_once_then_
         batch = x.clone()
         opt.step_batch(batch, y, F.cross_entropy)
         assert torch.equal(batch, 2 * x)  # one forward's worth, as after a plain step
-        assert_same_params(model, ref, atol=1e-12)
+        assert_same_params(model, ref)
 
 
 # ---- found by mutation testing (scripts/mutation.sh): behaviour no test pinned down ----
@@ -1540,7 +1540,7 @@ def test_steps_in_two_threads_each_route_their_own_backward_and_leave_torchs_in_
         reference_step(ref, ref_opt, [list(m.parameters(recurse=False)) for m in ref if list(m.parameters())],
                        lambda: backward(F.cross_entropy(ref(x), y)))
     for m in models.values():
-        assert_same_params(m, ref, atol=0)
+        assert_same_params(m, ref)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
@@ -1813,8 +1813,8 @@ def test_a_loss_with_a_learnable_temperature_switched_on_later_trains_it_as_the_
         opt.step_batch(x, y, lambda out, target, tempered=tempered: F.cross_entropy(
             out * (temperature if tempered else 1.0), target))
         assert opt._engine == "chain" or t == 0
-        assert_same_params(model, ref, atol=1e-12)
-    torch.testing.assert_close(temperature.grad, ref_temperature.grad, rtol=1e-12, atol=1e-12)
+        assert_same_params(model, ref)
+    torch.testing.assert_close(temperature.grad, ref_temperature.grad, rtol=0, atol=0)
 
 
 class WrappedStep:
