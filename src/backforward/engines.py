@@ -20,8 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,11 +159,9 @@ class StageGradients:
         """``step_batch``'s backward: of the loss scaled by the GradScaler, where one is given."""
         self.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
-    @contextmanager
-    def intercepting_backward(self) -> Iterator[None]:
+    def intercepting_backward(self) -> _Routing:
         """While a closure runs, its ``backward()`` calls in this thread go through ``self.backward``."""
-        with _ROUTER.routing_to(self):
-            yield
+        return _Routing(_ROUTER, self)
 
     def finish(self, loss: object) -> int:
         """The stage this pass updates, once the pass's loss is checked."""
@@ -274,24 +271,36 @@ class _BackwardRouter:
 
         self.backward = backward
 
-    @contextmanager
-    def routing_to(self, gradients: StageGradients) -> Iterator[None]:
+    def enter(self, gradients: StageGradients) -> None:
         with self.lock:
             if not self.installed:
                 self.found, self.installed = torch.autograd.backward, True
                 torch.autograd.backward = self.backward
             self.running += 1
-        stack = self.local.__dict__.setdefault("stack", [])
-        stack.append(gradients)
-        try:
-            yield
-        finally:
-            stack.pop()
-            with self.lock:
-                self.running -= 1
-                # Put back only what is still ours: a patch made over it since stays, with us inside it.
-                if self.running == 0 and torch.autograd.backward is self.backward:
-                    torch.autograd.backward, self.installed = self.found, False
+        self.local.__dict__.setdefault("stack", []).append(gradients)
+
+    def exit(self) -> None:
+        self.local.stack.pop()
+        with self.lock:
+            self.running -= 1
+            # Put back only what is still ours: a patch made over it since stays, with us inside it.
+            if self.running == 0 and torch.autograd.backward is self.backward:
+                torch.autograd.backward, self.installed = self.found, False
+
+
+class _Routing:
+    """A pass's ``with``: its thread's backward calls go to its StageGradients meanwhile."""
+
+    __slots__ = ("router", "gradients")
+
+    def __init__(self, router: _BackwardRouter, gradients: StageGradients):
+        self.router, self.gradients = router, gradients
+
+    def __enter__(self) -> None:
+        self.router.enter(self.gradients)
+
+    def __exit__(self, *exc: object) -> None:
+        self.router.exit()
 
 
 _ROUTER = _BackwardRouter()
