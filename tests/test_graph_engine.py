@@ -4,12 +4,14 @@ Exactness on the models researchers train is in test_awkward_models.py (every ca
 """
 
 import contextlib
+import gc
 import operator
 import warnings
+import weakref
 
 import pytest
 import torch
-from conftest import assert_same_params, clone, penalised_mlp_beside_reference
+from conftest import activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1427,7 +1429,6 @@ class LetsGo(nn.Module):
 def test_each_pass_lets_a_value_go_after_its_last_read_and_keeps_nothing_after_the_step():
     """As CPython frees the plain forward's temporaries: by the time the head runs, stem's output is gone, in
     the planned passes, in the passes run whole and in the generic engine's; after each step nothing is held."""
-    import weakref
 
     torch.manual_seed(5)
     model = LetsGo()
@@ -1788,16 +1789,103 @@ def test_a_traced_module_reading_another_modules_weight_outside_the_module_tree_
 
 
 def test_reading_which_parameters_each_op_reads_leaves_no_trace():
-    """The probe forward puts back random numbers, buffers and the modules' plain attributes."""
+    """The probe forward puts back random numbers, buffers, the modules' plain attributes and gradients (a hook's
+    backward in the forward, as an activation penalty's, would add into them)."""
     torch.manual_seed(0)
     second = nn.Linear(6, 6)
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), CountingPeek(second), second, nn.BatchNorm1d(6))
+    second.register_forward_hook(activation_penalty)
     x = torch.randn(8, 4)
     buffers = [b.clone() for b in model.buffers()]
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    grads = [p.grad for p in model.parameters()]
     rng = torch.get_rng_state()
     model_graph(model, x)
     assert model[2].calls == model[2]._calls == 0 and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+
+
+class OwnForward(nn.Module):
+    """A chain inside a module with its own forward: traced by fx."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_reading_a_model_whose_hook_backpropagates_gives_no_gradient_to_a_parameter_not_held(kind):
+    """The forwards that read the model (the check of a traced graph against forward(), the probe) run a child's
+    hook that calls backward() outside any pass: what it adds is taken back, so the bias the optimizer does not
+    hold keeps none, as in the reference."""
+    model, ref, _, _, x, y = penalised_mlp_beside_reference("forward")
+    stepped = model if kind == "chain" else OwnForward(model)
+    opt = Backforward(stepped, torch.optim.SGD([p for p in model.parameters() if p is not model[0].bias], lr=0.1))
+    ref_opt = torch.optim.SGD([p for p in ref.parameters() if p is not ref[0].bias], lr=0.1)
+    engines = []
+    for _ in range(3):
+        reference_step(ref, ref_opt, [[ref[0].weight], list(ref[2].parameters()), list(ref[4].parameters())],
+                       lambda: backward(F.cross_entropy(ref(x), y)))
+        opt.step_batch(x, y, F.cross_entropy)
+        engines.append(opt._engine)
+        assert model[0].bias.grad is None
+        assert_same_params(model, ref)
+    assert engines == ["generic", kind, kind]
+
+
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_reading_the_graph_keeps_no_value_of_its_forward(kind):
+    """Every output a step made is gone after the steps (the probe's saved-tensor hook must not hold what it
+    sees: a sigmoid's output holding its own grad_fn is a cycle the garbage collector cannot see)."""
+    outputs = []
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(4, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    chain[1].register_forward_hook(lambda _m, _a, out: outputs.append(weakref.ref(out)))  # called whole if traced
+    model = chain if kind == "chain" else OwnForward(chain)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        opt.step_batch(x, y, F.cross_entropy)
+    assert opt._engine == kind
+    gc.collect()
+    assert outputs and not [r for r in outputs if r() is not None]
+
+
+class GradientFeature(nn.Module):
+    """Appends d(sum tanh(v W))/dv to its input, by torch.func (as score or physics-informed features do); owning
+    its parameter, it is one call in a traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x):
+        gradient = torch.func.vmap(torch.func.grad(lambda v: torch.tanh(v @ self.weight).sum()))(x)
+        return torch.cat([x, gradient], 1)
+
+
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_a_model_using_torch_func_in_its_forward_steps_exactly(kind):
+    """torch.func refuses saved-tensor hooks: a chain's probe runs none (its values are not read), and a traced
+    graph whose probe fails runs the generic engine, saying why in one line."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(GradientFeature(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model = chain if kind == "chain" else OwnForward(chain)
+    prefix = "" if kind == "chain" else "inner."
+    twins = BesideReference(model, [f"{prefix}0", f"{prefix}1", f"{prefix}3"])
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    if kind == "chain":
+        for t in range(3):
+            twins.step(x, y, seed=t)
+        assert twins.bf._engine == "chain"
+    else:
+        said = [m for m in fallback_warnings(twins, x, y, steps=3) if "backforward" in m]
+        assert len(said) == 1 and "reading which values its backward saves fails: torch.func" in said[0]
 
 
 @pytest.mark.parametrize("order", ["forward", "reverse"])

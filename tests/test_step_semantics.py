@@ -4,6 +4,7 @@ import copy
 import math
 import threading
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -1541,6 +1542,101 @@ def test_steps_in_two_threads_each_route_their_own_backward_and_leave_torchs_in_
                        lambda: backward(F.cross_entropy(ref(x), y)))
     for m in models.values():
         assert_same_params(m, ref)
+
+
+def unheld_first_bias(model):
+    """Backforward on ``model`` with an SGD that does not hold its first layer's bias, and the reference's steps."""
+    held = [p for p in model.parameters() if p is not model[0].bias]
+    return Backforward(model, torch.optim.SGD(held, lr=0.2))
+
+
+def test_a_patch_that_puts_back_torchs_backward_inside_a_pass_leaves_later_passes_routed():
+    """mock.patch begun before the step and stopped inside its first pass puts back torch's own backward over the
+    router: from the next pass on the closure's backward is the pass's again (stage k's gradient alone, none for a
+    parameter the optimizer does not hold), in this step and the next. (That first pass's backward is torch's own,
+    unrestricted: it gives the unheld bias a gradient, taken away before the second step.)"""
+    own = torch.autograd.backward
+    model, x, y = small_mlp()
+    ref = copy.deepcopy(model)
+    opt = unheld_first_bias(model)
+    patch = mock.patch("torch.autograd.backward", side_effect=own)  # a test counting backward calls, say
+    patch.start()
+    seen = []
+
+    def closure():
+        nonlocal patch
+        if patch is not None:
+            patch.stop()
+            patch = None
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        seen.append(sum(p.grad is not None for p in model.parameters()))
+        return loss
+
+    try:
+        opt.step(closure)
+        model[0].bias.grad = None
+        opt.step(closure)
+    finally:
+        if patch is not None:
+            patch.stop()
+    assert torch.autograd.backward is own
+    assert seen[1:] == [3, 3, 1, 2, 2]  # stage sizes, with the unheld bias's gradient in step 1
+    assert model[0].bias.grad is None
+    ref_opt = unheld_first_bias(ref).base_optimizer
+    for _ in range(2):
+        reference_step(ref, ref_opt, [[ref[0].weight], list(ref[2].parameters()), list(ref[4].parameters())],
+                       lambda: backward(F.cross_entropy(ref(x), y)))
+    assert_same_params(model, ref)
+
+
+def test_a_wrapper_made_around_the_router_does_not_recurse(monkeypatch):
+    """A library that took torch.autograd.backward during a step (the router) and wraps it afterwards: in the next
+    step the router passes another thread's backward through that wrapper, which calls the router again; it then
+    calls torch's own instead of recursing. The steps still equal the reference."""
+    model, x, y = small_mlp()
+    ref = copy.deepcopy(model)
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.2))
+    taken, outcome = [], []
+
+    def closure():
+        if not taken:
+            taken.append(torch.autograd.backward)  # imported lazily, inside the first pass
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return taken[0](*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", wrapper)
+
+    def elsewhere():
+        try:
+            other = nn.Linear(3, 1)
+            other(torch.ones(2, 3)).sum().backward()
+            outcome.append(other.weight.grad.tolist() == [[2.0, 2.0, 2.0]])
+        except RecursionError as e:
+            outcome.append(e)
+
+    def second():
+        if not outcome:
+            thread = threading.Thread(target=elsewhere)
+            thread.start()
+            thread.join()
+        return closure()
+
+    opt.step(second)
+    assert outcome == [True] and calls
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+    for _ in range(2):
+        reference_step(ref, ref_opt, [list(m.parameters()) for m in ref if list(m.parameters())],
+                       lambda: backward(F.cross_entropy(ref(x), y)))
+    assert_same_params(model, ref)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")

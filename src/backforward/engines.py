@@ -251,30 +251,43 @@ class _BackwardRouter:
     running, that name is this router (counted, so that steps in several threads do not put
     back each other's), and each thread keeps its own stack of running passes. Calls from a
     thread with no pass running, from inside a pass's backward (a reentrant checkpoint's
-    recomputation) or with the deprecated ``grad_variables`` pass through unchanged.
+    recomputation) or with the deprecated ``grad_variables`` pass through to what the name held
+    before. Others' patches of the name: one made over the router stays when the last pass
+    ends (the router inside it passes through); one that put back what it had found (the
+    router's find, or torch's own) is covered again by the next pass; a wrapper around the
+    router, taken for what the name held, does not recurse (the router inside calls torch's own).
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running = 0            # passes running, all threads together
-        self.installed = False
+        self.installed = False      # the router is the name, or inside a patch made over it
         self.found: Callable[..., Any] = _autograd_backward  # what torch.autograd.backward was when installed
         self.local = threading.local()
 
         @functools.wraps(_autograd_backward)
         def backward(tensors: Any, grad_tensors: Any = None, retain_graph: bool | None = None,
                      create_graph: bool = False, grad_variables: Any = None, inputs: Any = None) -> None:
-            stack = self.local.__dict__.get("stack")
-            if not stack or stack[-1].busy or grad_variables is not None:
-                return self.found(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
-            return stack[-1].backward(tensors, grad_tensors, retain_graph, create_graph, inputs)
+            local = self.local.__dict__
+            stack = local.get("stack")
+            if stack and not stack[-1].busy and grad_variables is None:
+                return stack[-1].backward(tensors, grad_tensors, retain_graph, create_graph, inputs)
+            passing = local.get("passing", False)
+            local["passing"] = True
+            try:
+                return (_autograd_backward if passing else self.found)(
+                    tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+            finally:
+                local["passing"] = passing
 
         self.backward = backward
 
     def enter(self, gradients: StageGradients) -> None:
         with self.lock:
-            if not self.installed:
-                self.found, self.installed = torch.autograd.backward, True
+            now = torch.autograd.backward
+            # Not in place: the first pass, or another's patch put back what it had found (ours, or torch's own).
+            if now is not self.backward and (not self.installed or now is self.found or now is _autograd_backward):
+                self.found, self.installed = now, True
                 torch.autograd.backward = self.backward
             self.running += 1
         self.local.__dict__.setdefault("stack", []).append(gradients)

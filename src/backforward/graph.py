@@ -36,10 +36,11 @@ whole; only plain containers are traced through.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,22 +112,37 @@ def chain_graph(model: nn.Sequential) -> ModelGraph:
 
 # ---- tracing ----
 
-def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
+@contextlib.contextmanager
+def _reading(model: nn.Module) -> Iterator[tuple[RngState, BufferValues]]:
+    """Around a forward run to read the model: puts back the random numbers and buffers it yields as they were,
+    and the parameters' gradients (a hook's backward in the forward, as an activation penalty's, would add into
+    them; they are none meanwhile)."""
     rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
-    settings = {name: settings_of(m, private=True) for name, m in model.named_modules()}  # tracing runs forward
+    grads = [(p, p.grad) for p in model.parameters()]
     try:
-        with warnings.catch_warnings():  # a forward run on proxies warns about things that are not so
-            warnings.simplefilter("ignore")
-            graph = _Tracer(model).trace(model)
-    except Refusal:
-        raise
-    except Exception as e:  # fx raises many kinds; the message says which construct it cannot trace
-        raise Refusal(f"torch.fx cannot trace it: {_first_line(e)}") from None
+        for p, _ in grads:
+            p.grad = None
+        yield rng, buffers
     finally:
-        drew = not torch.equal(rng[0], torch.get_rng_state())
         rng_restore(rng)
-        moved = buffers.changed()
         buffers.put_back()
+        for p, g in grads:
+            p.grad = g
+
+
+def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
+    settings = {name: settings_of(m, private=True) for name, m in model.named_modules()}  # tracing runs forward
+    with _reading(model) as (rng, buffers):
+        try:
+            with warnings.catch_warnings():  # a forward run on proxies warns about things that are not so
+                warnings.simplefilter("ignore")
+                graph = _Tracer(model).trace(model)
+        except Refusal:
+            raise
+        except Exception as e:  # fx raises many kinds; the message says which construct it cannot trace
+            raise Refusal(f"torch.fx cannot trace it: {_first_line(e)}") from None
+        drew = not torch.equal(rng[0], torch.get_rng_state())
+        moved = buffers.changed()
     if drew:
         raise Refusal("its forward draws random numbers from no tensor input, which tracing would fix at one value")
     if moved:
@@ -317,10 +333,9 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, setti
     """The traced graph must give what ``forward()`` gives on this batch, bit for bit (tracing fixes Python
     branches, e.g. on ``isinstance``, at the values it saw), and ``forward()`` must set no plain attribute
     (``settings``: each module's, before tracing), which the graph would not."""
-    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
     detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
     copy = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
-    try:
+    with _reading(model) as (rng, buffers):
         plain = detach(model(copy(example)))
         rng_restore(rng)
         buffers.put_back()
@@ -338,9 +353,6 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, setti
         except Exception as e:  # e.g. a branch on an argument's default that tracing took the other way
             raise Refusal(f"its traced graph fails on the first batch ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'no message'}), where forward() does not") from e
-    finally:
-        rng_restore(rng)
-        buffers.put_back()
     a, spec_a = pytree.tree_flatten(plain)
     b, spec_b = pytree.tree_flatten(traced)
     same = spec_a == spec_b and all(
@@ -368,14 +380,15 @@ class _ParameterReads(TorchFunctionMode):
 
 def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     """One forward of the graph on the first batch, with grad, reading two things its ops do not say; it leaves
-    no trace (random numbers, buffers and modules' plain attributes are put back).
+    no trace (``_reading``; modules' plain attributes are put back too).
 
     - Each op's parameters gain those of the model it reads without owning them (a module keeping a reference
       to another's weight outside the module tree): the value it makes depends on their stages too, so a pass
       after one of them moved recomputes it.
     - A traced graph's ``saved``: the ops whose value a forward with grad saves for its backward (by storage),
       or that view the batch; keeping one for a later pass holds no memory a plain step does not. (A chain's
-      children are called whole: what they save stays unknown, counted as saved.)
+      children are called whole: what they save stays unknown, counted as saved, and no saved-tensor hooks run,
+      which ``torch.func`` inside a child would refuse.)
     """
     parameters = {id(p): p for p in model.parameters()}
     settings = [(m, settings_of(m, private=True)) for m in model.modules()]
@@ -383,24 +396,28 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.add(t.untyped_storage().data_ptr())
-        return t
+        return t.detach()  # the tensor itself would hold its own grad_fn: a cycle that keeps the whole forward
 
-    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    traced = graph.kind == "graph"
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if traced else contextlib.nullcontext()
     env: Env = [None] * len(graph.ops)
     env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _reading(model), torch.enable_grad(), hooks:
             for i, op in enumerate(graph.ops[1:], start=1):
                 with _ParameterReads(parameters) as reads:
                     env[i] = op.evaluate(env)
                 op.params += tuple(sorted(reads.read - set(op.params)))
+    except Exception as e:
+        if not traced:  # the user's forward failing on this batch, as a step would say
+            raise
+        # forward() ran on this batch (_check_same_forward): what fails is reading it (torch.func refuses the hooks)
+        raise Refusal(f"reading which values its backward saves fails: {_first_line(e)}") from None
     finally:
-        rng_restore(rng)
-        buffers.put_back()
         for m, before in settings:
             for key, value in before:
                 setattr(m, key, value)
-    if graph.kind == "graph":
+    if traced:
         saved |= _storages(env[0])
         graph.saved = frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
 
