@@ -5,6 +5,16 @@ import torch
 from torch import nn
 
 torch.set_num_threads(1)  # small tensors: threads only add noise on a 2-core machine
+TORCH_BACKWARD = torch.autograd.backward  # torch's own, before any step ran
+
+
+@pytest.fixture(autouse=True)
+def torch_backward_left_as_it_was():
+    """No test leaves torch.autograd.backward patched (a step routes it only while a pass runs); a patch the test
+    made itself with monkeypatch is undone before this looks."""
+    assert torch.autograd.backward is TORCH_BACKWARD
+    yield
+    assert torch.autograd.backward is TORCH_BACKWARD, "torch.autograd.backward was left patched"
 
 
 class Reordered(nn.Module):

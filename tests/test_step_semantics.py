@@ -1486,11 +1486,12 @@ def test_a_closure_calling_autograd_backward_on_a_list_of_losses():
 def test_steps_in_two_threads_each_route_their_own_backward_and_leave_torchs_in_place(batch):
     """In the second step, thread a's first pass begins, then thread b's; a finishes its whole step while b's first
     pass still runs, then b calls backward(). Each step matches the reference, and torch.autograd.backward is
-    torch's afterwards (a patch put back per pass would have left a's in place: b put back what it found on
-    entering). The first step reads the model's graph, whose probe forward calls the hook outside any pass."""
-    original = torch.autograd.backward
+    torch's afterwards, as the conftest fixture checks (a patch put back per pass would have left a's in place: b
+    put back what it found on entering). The closure sees stage k's gradient alone. The first step reads the
+    model's graph, whose probe forward calls the hook outside any pass."""
     model, x, y = small_mlp()
     models = {name: copy.deepcopy(model) for name in "ab"}
+    seen = {"a": [], "b": []}  # gradients the closure sees after its backward: stage k's alone
     a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
     first = {"a": False, "b": False}
     errors = []
@@ -1515,6 +1516,7 @@ def test_steps_in_two_threads_each_route_their_own_backward_and_leave_torchs_in_
                 loss = F.cross_entropy(m(x), y)
                 meet(name)
                 loss.backward()
+                seen[name].append(sum(p.grad is not None for p in m.parameters()))
                 return loss
 
             if batch:
@@ -1534,7 +1536,7 @@ def test_steps_in_two_threads_each_route_their_own_backward_and_leave_torchs_in_
     for t in threads:
         t.join(30)
     assert not errors, errors
-    assert torch.autograd.backward is original
+    assert seen == ({"a": [], "b": []} if batch else {"a": [2] * 6, "b": [2] * 6})
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.5)
     for _ in range(2):
