@@ -44,6 +44,17 @@ class Residual(nn.Module):
         return self.head(h + self.block(h))
 
 
+class Traced(nn.Module):
+    """A model with its own forward around an nn.Sequential: step_batch must trace it (no chain)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def linear_stages(model: nn.Module) -> list[list[nn.Parameter]]:
     """Stages written out by hand: each Linear/Conv/BatchNorm in the order the forward pass calls it."""
     return [list(m.parameters(recurse=False)) for m in model.modules()

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from awkward import BASES, CASES, UNTRACEABLE, Case
-from torch import nn
+from conftest import Traced
 
 from backforward import Backforward, reference_step
 from backforward.graph import plain_sequential
@@ -27,17 +27,6 @@ def twins(case: Case):
         return [ref_params[index[id(p)]] for p in params]
 
     return ref, mirror
-
-
-class Traced(nn.Module):
-    """A model with its own forward around an nn.Sequential: step_batch must trace it (no chain)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
 
 
 def run(case: Case, entry: str, base: str, order: str = "forward"):

@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
+from conftest import Traced, activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1807,24 +1807,13 @@ def test_reading_which_parameters_each_op_reads_leaves_no_trace():
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
 
 
-class OwnForward(nn.Module):
-    """A chain inside a module with its own forward: traced by fx."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 @pytest.mark.parametrize("kind", ["chain", "graph"])
 def test_reading_a_model_whose_hook_backpropagates_gives_no_gradient_to_a_parameter_not_held(kind):
     """The forwards that read the model (the check of a traced graph against forward(), the probe) run a child's
     hook that calls backward() outside any pass: what it adds is taken back, so the bias the optimizer does not
     hold keeps none, as in the reference."""
     model, ref, _, _, x, y = penalised_mlp_beside_reference("forward")
-    stepped = model if kind == "chain" else OwnForward(model)
+    stepped = model if kind == "chain" else Traced(model)
     opt = Backforward(stepped, torch.optim.SGD([p for p in model.parameters() if p is not model[0].bias], lr=0.1))
     ref_opt = torch.optim.SGD([p for p in ref.parameters() if p is not ref[0].bias], lr=0.1)
     engines = []
@@ -1846,7 +1835,7 @@ def test_reading_the_graph_keeps_no_value_of_its_forward(kind):
     torch.manual_seed(0)
     chain = nn.Sequential(nn.Linear(4, 16), nn.Sigmoid(), nn.Linear(16, 3))
     chain[1].register_forward_hook(lambda _m, _a, out: outputs.append(weakref.ref(out)))  # called whole if traced
-    model = chain if kind == "chain" else OwnForward(chain)
+    model = chain if kind == "chain" else Traced(chain)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
     for _ in range(3):
@@ -1875,7 +1864,7 @@ def test_a_model_using_torch_func_in_its_forward_steps_exactly(kind):
     graph whose probe fails runs the generic engine, saying why in one line."""
     torch.manual_seed(0)
     chain = nn.Sequential(GradientFeature(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    model = chain if kind == "chain" else OwnForward(chain)
+    model = chain if kind == "chain" else Traced(chain)
     prefix = "" if kind == "chain" else "inner."
     twins = BesideReference(model, [f"{prefix}0", f"{prefix}1", f"{prefix}3"])
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
