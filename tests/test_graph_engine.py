@@ -4,6 +4,7 @@ Exactness on the models researchers train is in test_awkward_models.py (every ca
 """
 
 import contextlib
+import copy
 import gc
 import operator
 import warnings
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from backforward import Backforward, reference_step
-from backforward.graph import model_graph, recompute_sets
+from backforward.graph import Refusal, model_graph, recompute_sets
 from backforward.stages import Stage
 
 F = nn.functional
@@ -511,7 +512,6 @@ class PenaltyInForward(nn.Module):
 
 def twin_steps(model, loss_fn, x, y, change=lambda m, t: None, steps=4, quiet=True, **kwargs):
     """step_batch on the model, step(closure) on a copy; both must agree after every step."""
-    import copy
 
     twin = copy.deepcopy(model)
     fast = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5), **kwargs)
@@ -1337,8 +1337,6 @@ class TracksItsMeanLogit(nn.Module):
 def test_a_buffer_the_root_forward_updates_by_its_own_calls_advances_once_per_step():
     """Tracing runs ``self.mean_logit.mul_(0.9)`` on the real buffer (no proxy in it) and records only the
     ``add_``: refused, and the generic engine advances the buffer once per step."""
-    import copy
-
     torch.manual_seed(0)
     model = TracksItsMeanLogit().double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
@@ -1390,8 +1388,169 @@ def test_a_forward_setting_plain_attributes_is_not_traced_and_counts_as_the_refe
     twins = BesideReference(model, ["a", "b"])
     assert fallback_warnings(twins, x, y, steps=3) == [
         "backforward: step_batch runs the generic engine on CountsItsCalls: its forward sets plain attributes "
-        "(calls, act._runs), which a traced graph would not"]
+        "(calls, act._runs): state that passes recomputing fewer modules than a plain forward would not advance "
+        "alike"]
     assert model.calls == model.act._runs == twins.ref.calls == 2 * 3
+
+
+def test_a_chain_whose_child_keeps_a_count_runs_the_generic_engine_and_counts_as_the_reference_does():
+    """A chain calls its children whole: the chain engine would call the counting child fewer times per step than
+    the reference's passes do. Refused, in one line; the generic engine counts as the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), CountsItsCalls())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(model, ["0", "1.a", "1.b"])
+    assert fallback_warnings(twins, x, y, steps=3) == [
+        "backforward: step_batch runs the generic engine on Sequential: its forward sets plain attributes "
+        "(1.calls, 1.act._runs): state that passes recomputing fewer modules than a plain forward would not "
+        "advance alike"]
+    assert model[1].calls == twins.ref[1].calls == 3 * 3
+
+
+class KeepsMeanByHand(nn.Module):
+    """Subtracts a running mean of its input, kept in a plain tensor attribute (not a registered buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.mean = torch.zeros(6)
+
+    def forward(self, x):
+        self.mean = 0.5 * self.mean + 0.5 * x.detach().mean(0)
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_state_kept_in_a_plain_tensor_attribute_runs_the_generic_engine_from_the_first_step_on(kind):
+    """The forwards that read the model (the probe; the traced graph's check) put the attribute back, so even the
+    first step equals the reference; passes recomputing fewer modules would advance it otherwise: refused."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), KeepsMeanByHand(), nn.Tanh(), nn.Linear(6, 3))
+    model = chain if kind == "chain" else Traced(chain)
+    prefix = "" if kind == "chain" else "inner."
+    twins = BesideReference(model, [f"{prefix}0", f"{prefix}2.lin", f"{prefix}4"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    said = fallback_warnings(twins, x, y, steps=3)
+    assert len(said) == 1 and f"its forward sets plain attributes ({prefix}2.mean)" in said[0]
+    assert torch.equal(chain[2].mean, twins.ref[2].mean if kind == "chain" else twins.ref.inner[2].mean)
+
+
+class RunningMean(nn.Module):
+    """Subtracts a running mean of its input, kept in a buffer updated in place in training."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(0.5 * x.mean(0))
+        return x - self.mean
+
+
+class ScalesByAnothersMean(nn.Module):
+    """Scales its input by its own weight and by another module's running mean, reached through a plain list
+    (outside the module tree, so not among its buffers)."""
+
+    def __init__(self, other: RunningMean):
+        super().__init__()
+        self._other = [other]
+        self.weight = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        return x * self.weight * (1 + self._other[0].mean)
+
+
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_a_buffer_read_outside_the_module_tree_is_read_after_its_module_updated_it(kind):
+    """In every pass of the reference the running mean is updated before the later module reads it: a pass that
+    recomputes the reader runs the updating module too (the probe finds that both touch the buffer)."""
+    torch.manual_seed(0)
+    mean = RunningMean(6)
+    chain = nn.Sequential(nn.Linear(4, 6), mean, nn.Tanh(), nn.Linear(6, 6), ScalesByAnothersMean(mean), nn.Tanh(),
+                          nn.Linear(6, 3))
+    model = chain if kind == "chain" else Traced(chain)
+    prefix = "" if kind == "chain" else "inner."
+    twins = BesideReference(model, [f"{prefix}{i}" for i in (0, 3, 4, 6)])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(4):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == kind
+
+
+class MaxSoFar(nn.Module):
+    """The running maximum of its input, in a buffer that starts empty and is resized in place on the first call
+    (as the per-channel observers of torch.ao's quantization-aware training do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("most", torch.tensor([]))
+
+    def forward(self, x):
+        with torch.no_grad():
+            now = x.amax(0)
+            if self.most.numel() == 0:
+                self.most.resize_(now.shape).copy_(now)
+            else:
+                torch.maximum(self.most, now, out=self.most)
+        return x
+
+
+def test_a_buffer_resized_in_place_is_put_back_with_its_shape():
+    """Every pass sees the buffer as the step began (empty, in the first), also where a failed step is undone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), MaxSoFar(), nn.Tanh(), nn.Linear(6, 3))
+    twins = BesideReference(model, ["0", "3"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    fresh = copy.deepcopy(model)
+    failing = Backforward(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    passes = []
+
+    def fails_in_the_second_pass():
+        passes.append(1)
+        if len(passes) == 2:
+            raise KeyError("stop")
+        return backward(F.cross_entropy(fresh(x), y))
+
+    with pytest.raises(KeyError):
+        failing.step(fails_in_the_second_pass)
+    assert fresh[1].most.shape == (0,)
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain" and model[1].most.shape == (6,)
+
+
+def test_a_lazy_module_is_refused_until_a_forward_initialized_it():
+    model = nn.Sequential(nn.LazyLinear(6), nn.Tanh(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match="not initialized yet .* run one forward pass first"):
+        Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(2, 4))
+    twins = BesideReference(model, ["0", "2"])
+    for t in range(2):
+        twins.step(torch.randn(5, 4), torch.randint(0, 3, (5,)), seed=t)
+
+
+class ReturnsItself(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))), self
+
+
+def test_a_forward_returning_its_module_runs_the_generic_engine():
+    torch.manual_seed(0)
+    model = ReturnsItself()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.step_batch(x, y, lambda out, target: F.cross_entropy(out[0], target))
+    said = [str(w.message) for w in caught]
+    assert opt._engine == "generic" and len(said) == 1 and "torch.fx's graph of it cannot be read as calls" in said[0]
 
 
 def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy(monkeypatch):
@@ -1790,7 +1949,7 @@ def test_a_traced_module_reading_another_modules_weight_outside_the_module_tree_
 
 def test_reading_which_parameters_each_op_reads_leaves_no_trace():
     """The probe forward puts back random numbers, buffers, the modules' plain attributes and gradients (a hook's
-    backward in the forward, as an activation penalty's, would add into them)."""
+    backward in the forward, as an activation penalty's, would add into them), also where it then refuses."""
     torch.manual_seed(0)
     second = nn.Linear(6, 6)
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), CountingPeek(second), second, nn.BatchNorm1d(6))
@@ -1800,7 +1959,8 @@ def test_reading_which_parameters_each_op_reads_leaves_no_trace():
     model[0].weight.grad = torch.ones_like(model[0].weight)
     grads = [p.grad for p in model.parameters()]
     rng = torch.get_rng_state()
-    model_graph(model, x)
+    with pytest.raises(Refusal, match=r"sets plain attributes \(2\.calls, 2\._calls\)"):  # a count kept
+        model_graph(model, x)
     assert model[2].calls == model[2]._calls == 0 and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))

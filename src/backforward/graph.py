@@ -40,7 +40,7 @@ import contextlib
 import functools
 import operator
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,27 +112,71 @@ def chain_graph(model: nn.Sequential) -> ModelGraph:
 
 # ---- tracing ----
 
-@contextlib.contextmanager
-def _reading(model: nn.Module) -> Iterator[tuple[RngState, BufferValues]]:
-    """Around a forward run to read the model: puts back the random numbers and buffers it yields as they were,
-    and the parameters' gradients (a hook's backward in the forward, as an activation penalty's, would add into
-    them; they are none meanwhile)."""
-    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
-    grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        for p, _ in grads:
+class _Reading:
+    """Around forwards run to read the model (tracing, the check against ``forward()``, the probe): puts back
+    what they change, as it was: random numbers, buffers, gradients (a hook's ``backward()`` in the forward, as
+    an activation penalty's, would add into them; they are none meanwhile) and the modules' plain attributes
+    (numbers, strings and tensors kept by hand, whose values are copied; attributes the forward adds are
+    removed). ``set_by_forward()`` names the plain attributes the forwards set or changed so far: state a
+    forward keeps, which a pass that does not call its module would not advance."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> _Reading:
+        self.rng, self.buffers = rng_snapshot(), BufferValues(buffer_slots(self.model))
+        self.grads = [(p, p.grad) for p in self.model.parameters()]
+        self.attributes = {name: (m, _plain_attributes(m)) for name, m in self.model.named_modules()}
+        self.copies = {(name, key): value.detach().clone() for name, (_, before) in self.attributes.items()
+                       for key, value in before.items() if isinstance(value, torch.Tensor)}
+        for p, _ in self.grads:
             p.grad = None
-        yield rng, buffers
-    finally:
-        rng_restore(rng)
-        buffers.put_back()
-        for p, g in grads:
+        return self
+
+    def set_by_forward(self) -> list[str]:
+        changed = []
+        for name, (m, before) in self.attributes.items():
+            for key, value in _plain_attributes(m).items():
+                old = before.get(key, _ABSENT)
+                if isinstance(old, torch.Tensor):
+                    same = value is old and torch.equal(value, self.copies[(name, key)])
+                else:
+                    same = type(value) is type(old) and value == old
+                if not same:
+                    changed.append(f"{name}.{key}" if name else key)
+        return changed
+
+    def put_back(self) -> None:
+        """Random numbers and buffers as they were (between two forwards of one reading)."""
+        rng_restore(self.rng)
+        self.buffers.put_back()
+
+    def __exit__(self, *exc: object) -> None:
+        self.put_back()
+        for p, g in self.grads:
             p.grad = g
+        for name, (m, before) in self.attributes.items():
+            for key in _plain_attributes(m).keys() - before.keys():
+                delattr(m, key)
+            for key, value in before.items():
+                if isinstance(value, torch.Tensor):
+                    with torch.no_grad():
+                        value.copy_(self.copies[(name, key)])  # changed in place, maybe
+                setattr(m, key, value)
+
+
+_ABSENT = object()
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """A module's own plain attributes: numbers, strings, None and tensors other than its parameters and buffers
+    (those live in ``_parameters`` and ``_buffers``)."""
+    return {k: v for k, v in vars(module).items()
+            if isinstance(v, (bool, int, float, str, type(None), torch.Tensor)) and not isinstance(v, nn.Parameter)}
 
 
 def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
-    settings = {name: settings_of(m, private=True) for name, m in model.named_modules()}  # tracing runs forward
-    with _reading(model) as (rng, buffers):
+    with _Reading(model) as reading:  # tracing runs forward, on proxies
         try:
             with warnings.catch_warnings():  # a forward run on proxies warns about things that are not so
                 warnings.simplefilter("ignore")
@@ -141,15 +185,20 @@ def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
             raise
         except Exception as e:  # fx raises many kinds; the message says which construct it cannot trace
             raise Refusal(f"torch.fx cannot trace it: {_first_line(e)}") from None
-        drew = not torch.equal(rng[0], torch.get_rng_state())
-        moved = buffers.changed()
+        drew = not torch.equal(reading.rng[0], torch.get_rng_state())
+        moved = reading.buffers.changed()
     if drew:
         raise Refusal("its forward draws random numbers from no tensor input, which tracing would fix at one value")
     if moved:
         raise Refusal("its forward changes a buffer by calls on the buffer itself, which tracing runs once instead "
                       "of recording")
-    result = _from_fx(model, graph)
-    _check_same_forward(model, result, example, settings)
+    try:
+        result = _from_fx(model, graph)
+    except Refusal:
+        raise
+    except Exception as e:  # a graph fx made but that does not read as calls (a forward returning the module)
+        raise Refusal(f"torch.fx's graph of it cannot be read as calls: {_first_line(e)}") from None
+    _check_same_forward(model, result, example)
     return result
 
 
@@ -329,25 +378,16 @@ def _method(name: str) -> Callable[..., Any]:
     return lambda obj, *args, **kwargs: getattr(obj, name)(*args, **kwargs)
 
 
-def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, settings: dict[str, tuple]) -> None:
+def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     """The traced graph must give what ``forward()`` gives on this batch, bit for bit (tracing fixes Python
-    branches, e.g. on ``isinstance``, at the values it saw), and ``forward()`` must set no plain attribute
-    (``settings``: each module's, before tracing), which the graph would not."""
+    branches, e.g. on ``isinstance``, at the values it saw), and ``forward()`` must set no plain attribute,
+    which the graph would not."""
     detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
     copy = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
-    with _reading(model) as (rng, buffers):
+    with _Reading(model) as reading:
         plain = detach(model(copy(example)))
-        rng_restore(rng)
-        buffers.put_back()
-        set_by_forward = [(m, name, key) for name, m in model.named_modules()
-                          for key, value in settings_of(m, private=True) if (key, value) not in settings[name]]
-        for m, name, key in set_by_forward:  # as they were before tracing, as the buffers are
-            old = dict(settings[name])
-            if key in old:
-                setattr(m, key, old[key])
-        if set_by_forward:
-            names = ", ".join(f"{name}.{key}" if name else key for _, name, key in set_by_forward)
-            raise Refusal(f"its forward sets plain attributes ({names}), which a traced graph would not")
+        _refuse_state_kept_by_hand(reading)
+        reading.put_back()
         try:
             traced = detach(_run_whole(graph, copy(example)))
         except Exception as e:  # e.g. a branch on an argument's default that tracing took the other way
@@ -363,35 +403,43 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any, setti
                       "(a Python branch that tracing fixed)")
 
 
-class _ParameterReads(TorchFunctionMode):
-    """Records which of ``parameters`` the torch functions called get as arguments: any use of a parameter
-    begins with one such call on the parameter itself (an op, a method, an attribute such as ``.data``)."""
+class _Reads(TorchFunctionMode):
+    """Records which of ``tensors`` (the model's parameters and buffers, by id) the torch functions called get as
+    arguments: any use of one begins with one such call on it (an op, a method, an attribute such as ``.data``)."""
 
-    def __init__(self, parameters: dict[int, nn.Parameter]):
+    def __init__(self, tensors: dict[int, torch.Tensor]):
         super().__init__()
-        self.parameters = parameters
+        self.tensors = tensors
         self.read: set[int] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        self.read.update(id(t) for t in pytree.tree_leaves((args, kwargs)) if id(t) in self.parameters)
+        self.read.update(id(t) for t in pytree.tree_leaves((args, kwargs)) if id(t) in self.tensors)
         return func(*args, **kwargs)
+
+
+def _refuse_state_kept_by_hand(reading: _Reading) -> None:
+    names = reading.set_by_forward()
+    if names:
+        raise Refusal(f"its forward sets plain attributes ({', '.join(names)}): state that passes recomputing "
+                      "fewer modules than a plain forward would not advance alike")
 
 
 def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     """One forward of the graph on the first batch, with grad, reading two things its ops do not say; it leaves
-    no trace (``_reading``; modules' plain attributes are put back too).
+    no trace (``_Reading``), and refuses a forward that keeps state in plain attributes.
 
-    - Each op's parameters gain those of the model it reads without owning them (a module keeping a reference
-      to another's weight outside the module tree): the value it makes depends on their stages too, so a pass
-      after one of them moved recomputes it.
+    - Each op's parameters and buffers gain those of the model it reads without owning them (a module keeping
+      a reference to another's weight or running statistic outside the module tree): the value it makes depends
+      on their stages too, so a pass after one of them moved recomputes it, and it is recomputed with every op
+      touching such a buffer.
     - A traced graph's ``saved``: the ops whose value a forward with grad saves for its backward (by storage),
       or that view the batch; keeping one for a later pass holds no memory a plain step does not. (A chain's
       children are called whole: what they save stays unknown, counted as saved, and no saved-tensor hooks run,
       which ``torch.func`` inside a child would refuse.)
     """
     parameters = {id(p): p for p in model.parameters()}
-    settings = [(m, settings_of(m, private=True)) for m in model.modules()]
+    buffers = {id(b): b for b in model.buffers()}
     saved: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -402,21 +450,20 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if traced else contextlib.nullcontext()
     env: Env = [None] * len(graph.ops)
     env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
-    try:
-        with _reading(model), torch.enable_grad(), hooks:
-            for i, op in enumerate(graph.ops[1:], start=1):
-                with _ParameterReads(parameters) as reads:
-                    env[i] = op.evaluate(env)
-                op.params += tuple(sorted(reads.read - set(op.params)))
-    except Exception as e:
-        if not traced:  # the user's forward failing on this batch, as a step would say
-            raise
-        # forward() ran on this batch (_check_same_forward): what fails is reading it (torch.func refuses the hooks)
-        raise Refusal(f"reading which values its backward saves fails: {_first_line(e)}") from None
-    finally:
-        for m, before in settings:
-            for key, value in before:
-                setattr(m, key, value)
+    with _Reading(model) as reading:
+        try:
+            with torch.enable_grad(), hooks:
+                for i, op in enumerate(graph.ops[1:], start=1):
+                    with _Reads({**parameters, **buffers}) as reads:
+                        env[i] = op.evaluate(env)
+                    op.params += tuple(sorted(reads.read & parameters.keys() - set(op.params)))
+                    op.buffers += tuple(sorted(reads.read & buffers.keys() - set(op.buffers)))
+        except Exception as e:
+            if not traced:  # the user's forward failing on this batch, as a step would say
+                raise
+            # forward() ran on this batch (_check_same_forward): reading it fails (torch.func refuses the hooks)
+            raise Refusal(f"reading which values its backward saves fails: {_first_line(e)}") from None
+        _refuse_state_kept_by_hand(reading)
     if traced:
         saved |= _storages(env[0])
         graph.saved = frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
@@ -428,11 +475,10 @@ def _storages(value: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
 
 
-def settings_of(module: nn.Module, private: bool = False) -> tuple:
-    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose.
-    With ``private``, also those named with a leading underscore (a counter the forward keeps)."""
+def settings_of(module: nn.Module) -> tuple:
+    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose."""
     return tuple((k, v) for k, v in vars(module).items()
-                 if (private or not k.startswith("_")) and isinstance(v, (bool, int, float, str, type(None))))
+                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
 
 
 def _run_whole(graph: ModelGraph, inputs: Any) -> Any:

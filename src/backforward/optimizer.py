@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from . import distributed
 from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass, scaler_stages
@@ -315,6 +316,9 @@ class Backforward(torch.optim.Optimizer):
             trainable = [p for g in groups for p in g["params"] if p.requires_grad]
             if not trainable:
                 raise ValueError("the optimizer holds no trainable parameters (all are frozen)")
+            if any(is_lazy(p) for p in trainable):  # no shape yet: nothing to copy for the rollback, no stage order
+                raise ValueError("the model has parameters that are not initialized yet (a lazy module such as "
+                                 "nn.LazyLinear): run one forward pass first")
             stages = find_stages(self.model, trainable, self._stage_spec)
             held = {id(p) for g in groups for p in g["params"]}
             unheld = [p for p in self.model.parameters() if p.requires_grad and id(p) not in held]

@@ -67,6 +67,8 @@ class BufferValues:
         with torch.no_grad():
             for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
                 module._buffers[name] = tensor
+                if tensor.shape != value.shape:  # resized in place (an observer's min/max, empty until it ran)
+                    tensor.resize_(value.shape)
                 tensor.copy_(value)
 
 
