@@ -1435,6 +1435,19 @@ def test_state_kept_in_a_plain_tensor_attribute_runs_the_generic_engine_from_the
     assert torch.equal(chain[2].mean, twins.ref[2].mean if kind == "chain" else twins.ref.inner[2].mean)
 
 
+def test_an_attribute_each_call_recomputes_is_no_state():
+    """Legacy spectral_norm sets its module's weight attribute anew in every call, from parameters and buffers:
+    the same again in a second forward from the same buffers, so the chain engine runs, and equals the reference
+    (its power-iteration buffers advance once per step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
+    twins = BesideReference(model, ["0", "2"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"
+
+
 class RunningMean(nn.Module):
     """Subtracts a running mean of its input, kept in a buffer updated in place in training."""
 

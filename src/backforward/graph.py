@@ -117,8 +117,8 @@ class _Reading:
     what they change, as it was: random numbers, buffers, gradients (a hook's ``backward()`` in the forward, as
     an activation penalty's, would add into them; they are none meanwhile) and the modules' plain attributes
     (numbers, strings and tensors kept by hand, whose values are copied; attributes the forward adds are
-    removed). ``set_by_forward()`` names the plain attributes the forwards set or changed so far: state a
-    forward keeps, which a pass that does not call its module would not advance."""
+    removed). ``state_kept()`` names the plain attributes that hold state a forward keeps, which a pass that
+    does not call its module would not advance."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -133,18 +133,20 @@ class _Reading:
             p.grad = None
         return self
 
-    def set_by_forward(self) -> list[str]:
-        changed = []
-        for name, (m, before) in self.attributes.items():
-            for key, value in _plain_attributes(m).items():
-                old = before.get(key, _ABSENT)
-                if isinstance(old, torch.Tensor):
-                    same = value is old and torch.equal(value, self.copies[(name, key)])
-                else:
-                    same = type(value) is type(old) and value == old
-                if not same:
-                    changed.append(f"{name}.{key}" if name else key)
-        return changed
+    def state_kept(self, forward: Callable[[], object]) -> list[str]:
+        """The plain attributes the forwards so far set that one more ``forward()``, from the same random numbers
+        and buffers, sets to other values again (an attribute each call recomputes from its inputs, parameters
+        and buffers, as legacy ``spectral_norm``'s weight, keeps no state)."""
+        changed = [(name, m, key) for name, (m, before) in self.attributes.items()
+                   for key, value in _plain_attributes(m).items()
+                   if not _same_attribute(value, before.get(key, _ABSENT), self.copies.get((name, key)))]
+        if not changed:
+            return []
+        first = {(name, key): _copied(getattr(m, key)) for name, m, key in changed}
+        self.put_back()
+        forward()
+        return [f"{name}.{key}" if name else key for name, m, key in changed
+                if not _same_attribute(getattr(m, key, _ABSENT), *first[(name, key)], same_tensor=False)]
 
     def put_back(self) -> None:
         """Random numbers and buffers as they were (between two forwards of one reading)."""
@@ -166,6 +168,19 @@ class _Reading:
 
 
 _ABSENT = object()
+
+
+def _copied(value: Any) -> tuple[Any, Any]:
+    """An attribute's value and, for a tensor, a copy of what it holds (a forward may change it in place)."""
+    return value, value.detach().clone() if isinstance(value, torch.Tensor) else None
+
+
+def _same_attribute(value: Any, old: Any, old_values: torch.Tensor | None, same_tensor: bool = True) -> bool:
+    """Whether an attribute holds what it held (``old``; ``old_values``, a copy of a tensor's): for a tensor, the
+    same values, in the same tensor unless ``same_tensor`` is false (one made again each call)."""
+    if isinstance(old, torch.Tensor):
+        return (value is old or not same_tensor and isinstance(value, torch.Tensor)) and torch.equal(value, old_values)
+    return type(value) is type(old) and value == old
 
 
 def _plain_attributes(module: nn.Module) -> dict[str, Any]:
@@ -386,7 +401,7 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
     copy = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
     with _Reading(model) as reading:
         plain = detach(model(copy(example)))
-        _refuse_state_kept_by_hand(reading)
+        _refuse_state_kept_by_hand(reading, lambda: model(copy(example)))
         reading.put_back()
         try:
             traced = detach(_run_whole(graph, copy(example)))
@@ -418,8 +433,8 @@ class _Reads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _refuse_state_kept_by_hand(reading: _Reading) -> None:
-    names = reading.set_by_forward()
+def _refuse_state_kept_by_hand(reading: _Reading, forward: Callable[[], object]) -> None:
+    names = reading.state_kept(forward)
     if names:
         raise Refusal(f"its forward sets plain attributes ({', '.join(names)}): state that passes recomputing "
                       "fewer modules than a plain forward would not advance alike")
@@ -463,7 +478,8 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
                 raise
             # forward() ran on this batch (_check_same_forward): reading it fails (torch.func refuses the hooks)
             raise Refusal(f"reading which values its backward saves fails: {_first_line(e)}") from None
-        _refuse_state_kept_by_hand(reading)
+        with torch.enable_grad():
+            _refuse_state_kept_by_hand(reading, lambda: _run_whole(graph, env[0]))
     if traced:
         saved |= _storages(env[0])
         graph.saved = frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
