@@ -13,7 +13,7 @@ from conftest import assert_same_params, clone, make, penalised_mlp_beside_refer
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from backforward import Backforward, reference_step, replay
+from backforward import Backforward, engines, reference_step, replay
 
 F = nn.functional
 
@@ -1590,6 +1590,43 @@ def test_a_patch_that_puts_back_torchs_backward_inside_a_pass_leaves_later_passe
         reference_step(ref, ref_opt, [[ref[0].weight], list(ref[2].parameters()), list(ref[4].parameters())],
                        lambda: backward(F.cross_entropy(ref(x), y)))
     assert_same_params(model, ref)
+
+
+class RecordsBackward:
+    """Stands for a pass's StageGradients: records the backward calls routed to it."""
+
+    busy = False
+
+    def __init__(self):
+        self.calls = []
+
+    def backward(self, tensors, *args):
+        self.calls.append(tensors)
+
+
+@pytest.mark.parametrize("before", ["torch's own", "a wrapper"])
+def test_a_router_is_torchs_backward_while_a_pass_runs_and_then_puts_back_what_it_found(before, monkeypatch):
+    """A router built afresh: while a pass runs (enter .. exit), torch.autograd.backward is the router, which
+    sends this thread's calls to the pass and lets another thread's through; afterwards the name holds what it
+    held before (torch's own, or a wrapper someone installed before the step)."""
+    own = found = torch.autograd.backward
+    if before == "a wrapper":
+        def wrapper(*args, **kwargs):
+            return own(*args, **kwargs)
+        monkeypatch.setattr(torch.autograd, "backward", wrapper)
+        found = wrapper
+    router, pass_ = engines._BackwardRouter(), RecordsBackward()
+    x = torch.ones(2, requires_grad=True)
+    router.enter(pass_)
+    assert torch.autograd.backward is router.backward
+    (2 * x).sum().backward()
+    assert len(pass_.calls) == 1 and x.grad is None
+    elsewhere = threading.Thread(target=lambda: (3 * x).sum().backward())
+    elsewhere.start()
+    elsewhere.join()
+    assert x.grad.tolist() == [3.0, 3.0] and len(pass_.calls) == 1
+    router.exit()
+    assert torch.autograd.backward is found
 
 
 def test_a_wrapper_made_around_the_router_does_not_recurse(monkeypatch):
