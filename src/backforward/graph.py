@@ -40,7 +40,8 @@ import contextlib
 import functools
 import operator
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from copy import copy as shallow_copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,10 +116,12 @@ def chain_graph(model: nn.Sequential) -> ModelGraph:
 class _Reading:
     """Around forwards run to read the model (tracing, the check against ``forward()``, the probe): puts back
     what they change, as it was: random numbers, buffers, gradients (a hook's ``backward()`` in the forward, as
-    an activation penalty's, would add into them; they are none meanwhile) and the modules' plain attributes
-    (numbers, strings and tensors kept by hand, whose values are copied; attributes the forward adds are
-    removed). ``state_kept()`` names the plain attributes that hold state a forward keeps, which a pass that
-    does not call its module would not advance."""
+    an activation penalty's, would add into them; they are none meanwhile) and the modules' own attributes
+    (each rebound to what it held; a tensor's values, a list's, dict's or set's items and a generator's state put
+    back; attributes the forward added, such as a cache tracing filled with a proxy, removed).
+    ``state_kept()`` names the attributes that hold state a forward keeps, which a pass that does not call its
+    module would not advance. State kept elsewhere (globals, class attributes, other objects, hooks' closures)
+    is not seen."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -126,27 +129,30 @@ class _Reading:
     def __enter__(self) -> _Reading:
         self.rng, self.buffers = rng_snapshot(), BufferValues(buffer_slots(self.model))
         self.grads = [(p, p.grad) for p in self.model.parameters()]
-        self.attributes = {name: (m, _plain_attributes(m)) for name, m in self.model.named_modules()}
-        self.copies = {(name, key): value.detach().clone() for name, (_, before) in self.attributes.items()
-                       for key, value in before.items() if isinstance(value, torch.Tensor)}
+        self.versions = [(name, p, p._version) for name, p in self.model.named_parameters()]
+        self.attributes = {name: (m, {key: _held(value) for key, value in _own_attributes(m).items()})
+                           for name, m in self.model.named_modules()}
         for p, _ in self.grads:
             p.grad = None
         return self
 
     def state_kept(self, forward: Callable[[], object]) -> list[str]:
-        """The plain attributes the forwards so far set that one more ``forward()``, from the same random numbers
-        and buffers, sets to other values again (an attribute each call recomputes from its inputs, parameters
-        and buffers, as legacy ``spectral_norm``'s weight, keeps no state)."""
+        """The attributes the forwards so far changed that one more ``forward()``, from the same random numbers
+        and buffers, changes again (an attribute each call sets anew from its inputs, parameters and buffers, as
+        legacy ``spectral_norm``'s weight, keeps no state)."""
         changed = [(name, m, key) for name, (m, before) in self.attributes.items()
-                   for key, value in _plain_attributes(m).items()
-                   if not _same_attribute(value, before.get(key, _ABSENT), self.copies.get((name, key)))]
+                   for key in dict.fromkeys([*_own_attributes(m), *before])  # in the module's order
+                   if not _unchanged(getattr(m, key, _ABSENT), before.get(key))]
+        # A parameter the forward changes in place (not put back: that would take a copy of every parameter).
+        moved = [f"{name} (a parameter, changed in place)" for name, p, version in self.versions
+                 if p._version != version]
         if not changed:
-            return []
-        first = {(name, key): _copied(getattr(m, key)) for name, m, key in changed}
+            return moved
+        first = {(name, key): _held(getattr(m, key, _ABSENT)) for name, m, key in changed}
         self.put_back()
         forward()
-        return [f"{name}.{key}" if name else key for name, m, key in changed
-                if not _same_attribute(getattr(m, key, _ABSENT), *first[(name, key)], same_tensor=False)]
+        return moved + [f"{name}.{key}" if name else key for name, m, key in changed
+                        if not _alike(getattr(m, key, _ABSENT), first[(name, key)])]
 
     def put_back(self) -> None:
         """Random numbers and buffers as they were (between two forwards of one reading)."""
@@ -157,37 +163,121 @@ class _Reading:
         self.put_back()
         for p, g in self.grads:
             p.grad = g
-        for name, (m, before) in self.attributes.items():
-            for key in _plain_attributes(m).keys() - before.keys():
-                delattr(m, key)
-            for key, value in before.items():
-                if isinstance(value, torch.Tensor):
-                    with torch.no_grad():
-                        value.copy_(self.copies[(name, key)])  # changed in place, maybe
-                setattr(m, key, value)
+        for m, before in self.attributes.values():
+            attributes = vars(m)
+            for key in _own_attributes(m).keys() - before.keys():
+                del attributes[key]
+            for key, held in before.items():
+                attributes[key] = held.value
+                held.put_back()
 
 
 _ABSENT = object()
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # a module's own bookkeeping: parameters, buffers, hooks, mode
 
 
-def _copied(value: Any) -> tuple[Any, Any]:
-    """An attribute's value and, for a tensor, a copy of what it holds (a forward may change it in place)."""
-    return value, value.detach().clone() if isinstance(value, torch.Tensor) else None
+def _own_attributes(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
 
 
-def _same_attribute(value: Any, old: Any, old_values: torch.Tensor | None, same_tensor: bool = True) -> bool:
-    """Whether an attribute holds what it held (``old``; ``old_values``, a copy of a tensor's): for a tensor, the
-    same values, in the same tensor unless ``same_tensor`` is false (one made again each call)."""
+@dataclass
+class _Held:
+    """An attribute's value and what a forward could change inside it without rebinding it: a tensor's version
+    and a copy of its values (none where it cannot be copied), a container's items, a generator's state."""
+
+    value: Any
+    version: int | None = None
+    values: Any = None
+
+    def put_back(self) -> None:
+        value = self.value
+        if isinstance(value, torch.Tensor):
+            if self.values is not None and _version(value) != self.version:
+                with torch.no_grad():
+                    if value.shape != self.values.shape:
+                        value.resize_(self.values.shape)
+                    value.copy_(self.values)
+        elif isinstance(value, list):  # not compared: an item's __eq__ may be a proxy's, or a tensor's
+            value[:] = self.values
+        elif isinstance(value, (dict, set)):
+            value.clear()
+            value.update(self.values)
+        elif isinstance(value, torch.Generator):
+            value.set_state(self.values)
+
+
+def _held(value: Any) -> _Held:
+    if isinstance(value, nn.Parameter):  # a reference to one (a list of flat weights): the step's to restore
+        return _Held(value, _version(value))
+    if isinstance(value, torch.Tensor):
+        try:
+            copy = value.detach().clone()
+        except Exception:  # noqa: BLE001 - a tensor that cannot be copied (meta, say): not put back in place
+            copy = None
+        return _Held(value, _version(value), copy)
+    if isinstance(value, (list, dict, set)):
+        return _Held(value, values=shallow_copy(value))
+    if isinstance(value, torch.Generator):  # a module's own random numbers
+        return _Held(value, values=value.get_state())
+    return _Held(value)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version, and no change in place outside inference mode
+        return None
+
+
+def _unchanged(value: Any, held: _Held | None) -> bool:
+    """Whether an attribute still holds what ``held`` recorded: the same object, unchanged inside (a number or a
+    string: an equal one)."""
+    if held is None:
+        return value is _ABSENT
+    old = held.value
+    if isinstance(old, (bool, int, float, str)):
+        return type(value) is type(old) and value == old
+    if value is not old:
+        return False
     if isinstance(old, torch.Tensor):
-        return (value is old or not same_tensor and isinstance(value, torch.Tensor)) and torch.equal(value, old_values)
-    return type(value) is type(old) and value == old
+        return _version(old) == held.version
+    if isinstance(old, (list, dict, set)):
+        return _same_items(old, held.values)
+    if isinstance(old, torch.Generator):
+        return torch.equal(old.get_state(), held.values)
+    return True
 
 
-def _plain_attributes(module: nn.Module) -> dict[str, Any]:
-    """A module's own plain attributes: numbers, strings, None and tensors other than its parameters and buffers
-    (those live in ``_parameters`` and ``_buffers``)."""
-    return {k: v for k, v in vars(module).items()
-            if isinstance(v, (bool, int, float, str, type(None), torch.Tensor)) and not isinstance(v, nn.Parameter)}
+def _alike(value: Any, held: _Held) -> bool:
+    """Whether an attribute holds what ``held`` recorded or an equal value made anew (a tensor of the same
+    values, a container of alike items)."""
+    old = held.value
+    if isinstance(old, torch.Tensor):
+        if value is old and _version(value) == held.version:
+            return True
+        return isinstance(value, torch.Tensor) and held.values is not None and _equal_values(value, held.values)
+    if isinstance(old, (list, dict, set)):
+        return type(value) is type(old) and _same_items(value, held.values)
+    if isinstance(old, torch.Generator):
+        return isinstance(value, torch.Generator) and torch.equal(value.get_state(), held.values)
+    return _unchanged(value, held)
+
+
+def _same_items(a: Any, b: Any) -> bool:
+    if len(a) != len(b):
+        return False
+    if isinstance(a, set):
+        return a == b
+    pairs = zip(a.values(), b.values(), strict=True) if isinstance(a, dict) else zip(a, b, strict=True)
+    return (not isinstance(a, dict) or a.keys() == b.keys()) and all(_alike(x, _held(y)) for x, y in pairs)
+
+
+def _equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.shape == b.shape and a.dtype == b.dtype and bool(
+            ((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
+    except Exception:  # noqa: BLE001 - no kernel to compare them (sparse, meta): count them as different
+        return False
 
 
 def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
@@ -395,16 +485,16 @@ def _method(name: str) -> Callable[..., Any]:
 
 def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     """The traced graph must give what ``forward()`` gives on this batch, bit for bit (tracing fixes Python
-    branches, e.g. on ``isinstance``, at the values it saw), and ``forward()`` must set no plain attribute,
-    which the graph would not."""
+    branches, e.g. on ``isinstance``, at the values it saw), and ``forward()`` must keep no state in the
+    modules' attributes, which the graph would not."""
     detach = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.detach)  # let each graph go
-    copy = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
+    fresh = functools.partial(pytree.tree_map_only, torch.Tensor, torch.Tensor.clone)  # the batch stays as it is
     with _Reading(model) as reading:
-        plain = detach(model(copy(example)))
-        _refuse_state_kept_by_hand(reading, lambda: model(copy(example)))
+        plain = detach(model(fresh(example)))
+        _refuse_state_kept_by_hand(reading, lambda: model(fresh(example)))
         reading.put_back()
         try:
-            traced = detach(_run_whole(graph, copy(example)))
+            traced = detach(_run_whole(graph, fresh(example)))
         except Exception as e:  # e.g. a branch on an argument's default that tracing took the other way
             raise Refusal(f"its traced graph fails on the first batch ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'no message'}), where forward() does not") from e
@@ -419,10 +509,11 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
 
 
 class _Reads(TorchFunctionMode):
-    """Records which of ``tensors`` (the model's parameters and buffers, by id) the torch functions called get as
-    arguments: any use of one begins with one such call on it (an op, a method, an attribute such as ``.data``)."""
+    """Records which of ``tensors`` (the ids of the model's parameters and buffers) the torch functions called
+    get as arguments: any use of one begins with one such call on it (an op, a method, an attribute such as
+    ``.data``)."""
 
-    def __init__(self, tensors: dict[int, torch.Tensor]):
+    def __init__(self, tensors: Collection[int]):
         super().__init__()
         self.tensors = tensors
         self.read: set[int] = set()
@@ -436,7 +527,7 @@ class _Reads(TorchFunctionMode):
 def _refuse_state_kept_by_hand(reading: _Reading, forward: Callable[[], object]) -> None:
     names = reading.state_kept(forward)
     if names:
-        raise Refusal(f"its forward sets plain attributes ({', '.join(names)}): state that passes recomputing "
+        raise Refusal(f"its forward keeps state in attributes ({', '.join(names)}), which passes recomputing "
                       "fewer modules than a plain forward would not advance alike")
 
 
@@ -454,7 +545,9 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
       which ``torch.func`` inside a child would refuse.)
     """
     parameters = {id(p): p for p in model.parameters()}
-    buffers = {id(b): b for b in model.buffers()}
+    slots = buffer_slots(model)
+    firsts = [id(m._buffers[name]) for m, name in slots]
+    buffers = {b: b for b in firsts}  # a buffer's tensor (one a forward rebinds it to, too) -> the first one's
     saved: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -469,10 +562,12 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
         try:
             with torch.enable_grad(), hooks:
                 for i, op in enumerate(graph.ops[1:], start=1):
-                    with _Reads({**parameters, **buffers}) as reads:
+                    with _Reads(parameters.keys() | buffers.keys()) as reads:
                         env[i] = op.evaluate(env)
                     op.params += tuple(sorted(reads.read & parameters.keys() - set(op.params)))
-                    op.buffers += tuple(sorted(reads.read & buffers.keys() - set(op.buffers)))
+                    op.buffers += tuple(sorted({buffers[b] for b in reads.read & buffers.keys()} - set(op.buffers)))
+                    for (m, name), first in zip(slots, firsts, strict=True):
+                        buffers.setdefault(id(m._buffers[name]), first)  # rebound by the op (each pass: again)
         except Exception as e:
             if not traced:  # the user's forward failing on this batch, as a step would say
                 raise
