@@ -3,6 +3,7 @@
 Exactness on the models researchers train is in test_awkward_models.py (every case that traces runs there).
 """
 
+import collections
 import contextlib
 import copy
 import gc
@@ -1529,6 +1530,116 @@ def test_state_kept_outside_plain_numbers_is_refused(child, said):
             reference_step(ref, ref_opt, [list(m.parameters()) for m in ref if list(m.parameters())],
                            lambda: backward(F.cross_entropy(ref(x), y)))
         assert_same_params(model, ref)
+
+
+class KeepsIn(nn.Module):
+    """State in a container attribute: a running mean in a dict updated in place, a count nested in a dict, a count
+    in a deque."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.state = {"mean": torch.zeros(6)} if kind == "dict" else {"count": [0]} if kind == "nested" else \
+            collections.deque([0])
+
+    def forward(self, x):
+        if self.kind == "dict":
+            self.state["mean"].mul_(0.5).add_(0.5 * x.detach().mean(0))
+            return x - self.state["mean"]
+        if self.kind == "nested":
+            self.state["count"][0] += 1
+            return x * (1 + 0.01 * self.state["count"][0])
+        self.state.append(self.state.popleft() + 1)
+        return x * (1 + 0.01 * self.state[0])
+
+
+@pytest.mark.parametrize("kind", ["dict", "nested", "deque"])
+def test_state_kept_in_containers_is_refused_and_the_reading_puts_it_back(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), KeepsIn(kind), nn.Linear(6, 3))
+    twins = BesideReference(model, ["0", "2"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    said = fallback_warnings(twins, x, y, steps=3)
+    assert len(said) == 1 and "keeps state in attributes (1.state)" in said[0]
+
+
+class HoldsAlike(nn.Module):
+    """Attributes a forward leaves alone or sets anew to equal values each call: no state."""
+
+    def __init__(self, running_mean: torch.Tensor):
+        super().__init__()
+        self.cycle = [1]
+        self.cycle.append(self.cycle)
+        self.limit = float("nan")
+        self.view = running_mean.expand(2, -1)  # shares the version counter of a buffer the step moves
+
+    def forward(self, x):
+        self.seen = (x.shape, x.detach().sum().item() * 0, torch.zeros(1))
+        return x
+
+
+def test_attributes_without_state_keep_the_chain_engine():
+    """A list holding itself, a NaN, a view of a buffer the BatchNorm updates, a tuple made anew each call (a
+    torch.Size and a tensor in it): the chain engine runs, exactly."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(6)
+    model = nn.Sequential(nn.Linear(4, 6), norm, HoldsAlike(norm.running_mean), nn.Tanh(), nn.Linear(6, 3))
+    twins = BesideReference(model, ["0", "1", "4"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"
+
+
+def test_a_parametrized_lstm_keeps_the_chain_engine():
+    """weight_norm on an LSTM's weight makes it rebuild a list of weak references each call: no state."""
+    torch.manual_seed(0)
+    lstm = nn.utils.parametrizations.weight_norm(nn.LSTM(3, 4, batch_first=True), "weight_hh_l0")
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), lstm, SelectOutput(), nn.Flatten(),
+                          nn.Linear(8, 3))
+    stages = [list(model[0].parameters()), list(lstm.parametrizations.weight_hh_l0.parameters()),
+              list(lstm.parameters(recurse=False)), list(model[5].parameters())]  # the default stages, in data flow
+    ref, ref_stages = clone(model, stages)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    bf = Backforward(model, opt)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(3):
+        torch.manual_seed(t)
+        reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
+        torch.manual_seed(t)
+        bf.step_batch(x, y, F.cross_entropy)
+        assert_same_params(model, ref)
+    assert bf._engine == "chain"
+
+
+class SelectOutput(nn.Module):
+    def forward(self, out):
+        return out[0]
+
+
+class ScalesOnFirstCall(nn.Module):
+    """Data-dependent initialisation (ActNorm): a buffer that is None until the first forward sets it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", None)
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = x.detach().std(0) + 1.0
+        return x / self.scale
+
+
+def test_a_buffer_set_by_the_first_forward_is_traced_again_once_set():
+    """The first graph is traced with the buffer still None (and the reading leaves it None); once the first step
+    set it, the model is traced again, and the graph engine equals the reference."""
+    torch.manual_seed(0)
+    model = Traced(nn.Sequential(nn.Linear(4, 6), ScalesOnFirstCall(), nn.Tanh(), nn.Linear(6, 3)))
+    twins = BesideReference(model, ["inner.0", "inner.3"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(4):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "graph" and torch.equal(model.inner[1].scale, twins.ref.inner[1].scale)
 
 
 class CachesInADict(nn.Module):

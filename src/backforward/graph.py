@@ -36,8 +36,10 @@ whole; only plain containers are traced through.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import math
 import operator
 import warnings
 from collections.abc import Callable, Collection, Sequence
@@ -117,8 +119,9 @@ class _Reading:
     """Around forwards run to read the model (tracing, the check against ``forward()``, the probe): puts back
     what they change, as it was: random numbers, buffers, gradients (a hook's ``backward()`` in the forward, as
     an activation penalty's, would add into them; they are none meanwhile) and the modules' own attributes
-    (each rebound to what it held; a tensor's values, a list's, dict's or set's items and a generator's state put
-    back; attributes the forward added, such as a cache tracing filled with a proxy, removed).
+    (each rebound to what it held; a tensor's values, a container's items and the tensors among them, a
+    generator's state put back; attributes and buffers the forward added, such as a cache tracing filled with a
+    proxy, removed).
     ``state_kept()`` names the attributes that hold state a forward keeps, which a pass that does not call its
     module would not advance. State kept elsewhere (globals, class attributes, other objects, hooks' closures)
     is not seen."""
@@ -130,6 +133,8 @@ class _Reading:
         self.rng, self.buffers = rng_snapshot(), BufferValues(buffer_slots(self.model))
         self.grads = [(p, p.grad) for p in self.model.parameters()]
         self.versions = [(name, p, p._version) for name, p in self.model.named_parameters()]
+        # Buffers registered (or a None one set) by the forward: tracing would leave a proxy there.
+        self.registered = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in self.model.modules()]
         self.attributes = {name: (m, {key: _held(value) for key, value in _own_attributes(m).items()})
                            for name, m in self.model.named_modules()}
         for p, _ in self.grads:
@@ -161,6 +166,12 @@ class _Reading:
 
     def __exit__(self, *exc: object) -> None:
         self.put_back()
+        for m, buffers, non_persistent in self.registered:
+            if not _same_members(m._buffers, buffers):
+                m._buffers.clear()
+                m._buffers.update(buffers)
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
         for p, g in self.grads:
             p.grad = g
         for m, before in self.attributes.values():
@@ -174,6 +185,7 @@ class _Reading:
 
 _ABSENT = object()
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # a module's own bookkeeping: parameters, buffers, hooks, mode
+_CONTAINERS = (list, dict, set, collections.deque)
 
 
 def _own_attributes(module: nn.Module) -> dict[str, Any]:
@@ -183,30 +195,40 @@ def _own_attributes(module: nn.Module) -> dict[str, Any]:
 @dataclass
 class _Held:
     """An attribute's value and what a forward could change inside it without rebinding it: a tensor's version
-    and a copy of its values (none where it cannot be copied), a container's items, a generator's state."""
+    and a copy of its values (none where it cannot be copied), a container's items (each held in turn, three
+    levels down: a cycle ends there), a generator's state."""
 
     value: Any
     version: int | None = None
     values: Any = None
+    items: list[_Held] | None = None
 
     def put_back(self) -> None:
         value = self.value
         if isinstance(value, torch.Tensor):
             if self.values is not None and _version(value) != self.version:
-                with torch.no_grad():
-                    if value.shape != self.values.shape:
-                        value.resize_(self.values.shape)
-                    value.copy_(self.values)
-        elif isinstance(value, list):  # not compared: an item's __eq__ may be a proxy's, or a tensor's
+                try:
+                    with torch.no_grad():
+                        if value.shape != self.values.shape:
+                            value.resize_(self.values.shape)
+                        value.copy_(self.values)
+                except RuntimeError:  # a view that cannot be written (its buffer is put back itself)
+                    pass
+        elif isinstance(value, list):  # not compared first: an item's __eq__ may be a proxy's, or a tensor's
             value[:] = self.values
+        elif isinstance(value, collections.deque):
+            value.clear()
+            value.extend(self.values)
         elif isinstance(value, (dict, set)):
             value.clear()
             value.update(self.values)
         elif isinstance(value, torch.Generator):
             value.set_state(self.values)
+        for item in self.items or ():
+            item.put_back()
 
 
-def _held(value: Any) -> _Held:
+def _held(value: Any, *, depth: int = 3) -> _Held:
     if isinstance(value, nn.Parameter):  # a reference to one (a list of flat weights): the step's to restore
         return _Held(value, _version(value))
     if isinstance(value, torch.Tensor):
@@ -215,8 +237,10 @@ def _held(value: Any) -> _Held:
         except Exception:  # noqa: BLE001 - a tensor that cannot be copied (meta, say): not put back in place
             copy = None
         return _Held(value, _version(value), copy)
-    if isinstance(value, (list, dict, set)):
-        return _Held(value, values=shallow_copy(value))
+    if isinstance(value, _CONTAINERS):
+        members = list(value.values()) if isinstance(value, dict) else list(value)
+        return _Held(value, values=shallow_copy(value),
+                     items=[_held(m, depth=depth - 1) for m in members] if depth > 0 else None)
     if isinstance(value, torch.Generator):  # a module's own random numbers
         return _Held(value, values=value.get_state())
     return _Held(value)
@@ -230,19 +254,19 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _unchanged(value: Any, held: _Held | None) -> bool:
-    """Whether an attribute still holds what ``held`` recorded: the same object, unchanged inside (a number or a
+    """Whether an attribute still holds what ``held`` recorded: the same object, unchanged inside (a number, a
     string: an equal one)."""
     if held is None:
         return value is _ABSENT
     old = held.value
     if isinstance(old, (bool, int, float, str)):
-        return type(value) is type(old) and value == old
+        return _equal_objects(value, old)
     if value is not old:
         return False
     if isinstance(old, torch.Tensor):
         return _version(old) == held.version
-    if isinstance(old, (list, dict, set)):
-        return _same_items(old, held.values)
+    if isinstance(old, _CONTAINERS):
+        return _same_members(old, held.values) and all(_unchanged(item.value, item) for item in held.items or ())
     if isinstance(old, torch.Generator):
         return torch.equal(old.get_state(), held.values)
     return True
@@ -250,26 +274,51 @@ def _unchanged(value: Any, held: _Held | None) -> bool:
 
 def _alike(value: Any, held: _Held) -> bool:
     """Whether an attribute holds what ``held`` recorded or an equal value made anew (a tensor of the same
-    values, a container of alike items)."""
+    values; a container of alike items; deeper than ``held`` looked, not known alike)."""
     old = held.value
     if isinstance(old, torch.Tensor):
         if value is old and _version(value) == held.version:
             return True
         return isinstance(value, torch.Tensor) and held.values is not None and _equal_values(value, held.values)
-    if isinstance(old, (list, dict, set)):
-        return type(value) is type(old) and _same_items(value, held.values)
+    if isinstance(old, _CONTAINERS):
+        if type(value) is not type(old) or len(value) != len(held.values or ()) or held.items is None:
+            return False
+        if isinstance(value, dict) and value.keys() != held.values.keys():
+            return False
+        if isinstance(value, set):
+            return _equal_objects(value, held.values)
+        members = value.values() if isinstance(value, dict) else value
+        return all(_alike(m, item) for m, item in zip(members, held.items, strict=True))
     if isinstance(old, torch.Generator):
         return isinstance(value, torch.Generator) and torch.equal(value.get_state(), held.values)
-    return _unchanged(value, held)
+    return _equal_objects(value, old)
 
 
-def _same_items(a: Any, b: Any) -> bool:
+def _same_members(a: Any, b: Any) -> bool:
+    """The same items, by identity (a dict: the same keys too)."""
     if len(a) != len(b):
         return False
     if isinstance(a, set):
         return a == b
-    pairs = zip(a.values(), b.values(), strict=True) if isinstance(a, dict) else zip(a, b, strict=True)
-    return (not isinstance(a, dict) or a.keys() == b.keys()) and all(_alike(x, _held(y)) for x, y in pairs)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    return all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _equal_objects(a: Any, b: Any) -> bool:
+    """Equal by ``==`` where it answers plainly (NaN equal to NaN; an array's answer taken whole); else only the
+    same object."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        same = a == b
+        return same if isinstance(same, bool) else bool(same.all())
+    except Exception:  # noqa: BLE001 - no plain answer (a proxy, a tensor's ambiguity, a cycle): not known equal
+        return False
 
 
 def _equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:

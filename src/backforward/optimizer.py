@@ -290,13 +290,15 @@ class Backforward(torch.optim.Optimizer):
         return engine
 
     def _graph(self, inputs: Any) -> ModelGraph | None:
-        """The model as a graph of calls (traced again when a module's mode, plain attributes or hooks change);
-        None, said once, where it cannot be read as one."""
+        """The model as a graph of calls (traced again when a module's mode, plain attributes, hooks or buffers
+        change: a buffer registered or set in a first forward, say); None, said once, where it cannot be read."""
         model = self.model
         # A chain calls its children whole; a traced graph fixed the Python branches a module's mode or hooks took.
         hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
         key = (hooked, tuple(map(id, model)) if plain_sequential(model) else
-               tuple((id(m), settings_of(m), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()))
+               tuple((id(m), settings_of(m), bool(m._forward_hooks or m._forward_pre_hooks),
+                      tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # a buffer a forward set
+                     for m in model.modules()))
         if key not in self._graphs:
             try:
                 self._graphs[key] = model_graph(self.model, inputs)
