@@ -1539,10 +1539,23 @@ class KeepsIn(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
         self.kind = kind
-        self.state = {"mean": torch.zeros(6)} if kind == "dict" else {"count": [0]} if kind == "nested" else \
-            collections.deque([0])
+        self.state = {"dict": {"mean": torch.zeros(6)}, "nested": {"count": [0]}, "deque": collections.deque([0]),
+                      "resized": torch.tensor([]), "steps": torch.tensor(0)}.get(kind)
+        if kind == "added":
+            del self.state
 
     def forward(self, x):
+        if self.kind == "resized":  # a total of the inputs' means, sized on the first call
+            if self.state.numel() == 0:
+                self.state.resize_(x.shape[1:]).zero_()
+            self.state.add_(x.detach().mean(0))
+            return x
+        if self.kind == "steps":  # a count in an integer tensor made anew each call
+            self.state = self.state + 1
+            return x * (1 + 0.01 * self.state)
+        if self.kind == "added":  # a count the first call adds
+            self.state = getattr(self, "state", 0) + 1
+            return x * (1 + 0.01 * self.state)
         if self.kind == "dict":
             self.state["mean"].mul_(0.5).add_(0.5 * x.detach().mean(0))
             return x - self.state["mean"]
@@ -1553,14 +1566,39 @@ class KeepsIn(nn.Module):
         return x * (1 + 0.01 * self.state[0])
 
 
-@pytest.mark.parametrize("kind", ["dict", "nested", "deque"])
+@pytest.mark.parametrize("kind", ["dict", "nested", "deque", "resized", "steps", "added"])
 def test_state_kept_in_containers_is_refused_and_the_reading_puts_it_back(kind):
+    """State in a container, in a tensor changed in place (resized on the first call) or made anew, in an
+    attribute the first call adds: refused, and put back after the reading (so the state equals the
+    reference's)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), KeepsIn(kind), nn.Linear(6, 3))
     twins = BesideReference(model, ["0", "2"])
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     said = fallback_warnings(twins, x, y, steps=3)
     assert len(said) == 1 and "keeps state in attributes (1.state)" in said[0]
+    if kind in ("resized", "steps", "added"):
+        assert torch.equal(torch.as_tensor(model[1].state), torch.as_tensor(twins.ref[1].state))
+
+
+class FailsOnItsSecondCall(nn.Module):
+    """Deletes a cache on its first call: the reading's second forward, with that state advanced, fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = torch.zeros(())
+
+    def forward(self, x):
+        del self.cache
+        return x
+
+
+def test_a_forward_failing_once_its_state_advanced_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), FailsOnItsSecondCall(), nn.Linear(6, 3))
+    with pytest.raises(Refusal, match=r"keeps state in attributes \(1\.cache\)"):
+        model_graph(model, torch.randn(5, 4))
+    assert torch.equal(model[1].cache, torch.zeros(()))
 
 
 class HoldsAlike(nn.Module):
@@ -1575,6 +1613,7 @@ class HoldsAlike(nn.Module):
 
     def forward(self, x):
         self.seen = (x.shape, x.detach().sum().item() * 0, torch.zeros(1))
+        self.undefined = torch.full((2,), float("nan"))
         return x
 
 
@@ -1764,8 +1803,10 @@ def test_a_buffer_resized_in_place_is_put_back_with_its_shape():
 
 def test_a_lazy_module_is_refused_until_a_forward_initialized_it():
     model = nn.Sequential(nn.LazyLinear(6), nn.Tanh(), nn.Linear(6, 3))
-    with pytest.raises(ValueError, match="not initialized yet .* run one forward pass first"):
+    with pytest.raises(ValueError) as refused:
         Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert str(refused.value) == ("the model has parameters that are not initialized yet (a lazy module such as "
+                                  "nn.LazyLinear): run one forward pass first")
     model(torch.randn(2, 4))
     twins = BesideReference(model, ["0", "2"])
     for t in range(2):
@@ -1791,7 +1832,9 @@ def test_a_forward_returning_its_module_runs_the_generic_engine():
         for _ in range(2):
             opt.step_batch(x, y, lambda out, target: F.cross_entropy(out[0], target))
     said = [str(w.message) for w in caught]
-    assert opt._engine == "generic" and len(said) == 1 and "torch.fx's graph of it cannot be read as calls" in said[0]
+    assert opt._engine == "generic" and said == [
+        "backforward: step_batch runs the generic engine on ReturnsItself: torch.fx's graph of it cannot be read as "
+        "calls: 'ReturnsItself' object has no attribute ''"]
 
 
 def test_values_nothing_modifies_in_place_are_fed_to_later_passes_without_a_copy(monkeypatch):

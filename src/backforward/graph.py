@@ -155,7 +155,10 @@ class _Reading:
             return moved
         first = {(name, key): _held(getattr(m, key, _ABSENT)) for name, m, key in changed}
         self.put_back()
-        forward()
+        try:
+            forward()
+        except Exception:  # noqa: BLE001 - a forward that fails when its state has advanced: state, all of it
+            return moved + [f"{name}.{key}" if name else key for name, m, key in changed]
         return moved + [f"{name}.{key}" if name else key for name, m, key in changed
                         if not _alike(getattr(m, key, _ABSENT), first[(name, key)])]
 
