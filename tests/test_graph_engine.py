@@ -1614,12 +1614,15 @@ class HoldsAlike(nn.Module):
     def forward(self, x):
         self.seen = (x.shape, x.detach().sum().item() * 0, torch.zeros(1))
         self.undefined = torch.full((2,), float("nan"))
+        self.limit = float("nan")  # another float object, NaN again
+        if hasattr(self, "view"):
+            del self.view  # gone after the first call, as in the reference
         return x
 
 
 def test_attributes_without_state_keep_the_chain_engine():
-    """A list holding itself, a NaN, a view of a buffer the BatchNorm updates, a tuple made anew each call (a
-    torch.Size and a tensor in it): the chain engine runs, exactly."""
+    """A list holding itself, a NaN, a view of a buffer the BatchNorm updates (deleted by the first call), a tuple
+    made anew each call (a torch.Size and a tensor in it): the chain engine runs, exactly."""
     torch.manual_seed(0)
     norm = nn.BatchNorm1d(6)
     model = nn.Sequential(nn.Linear(4, 6), norm, HoldsAlike(norm.running_mean), nn.Tanh(), nn.Linear(6, 3))
@@ -1627,7 +1630,7 @@ def test_attributes_without_state_keep_the_chain_engine():
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     for t in range(3):
         twins.step(x, y, seed=t)
-    assert twins.bf._engine == "chain"
+    assert twins.bf._engine == "chain" and not hasattr(model[2], "view")
 
 
 def test_a_parametrized_lstm_keeps_the_chain_engine():
