@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .engines import RunPass, StageGradients
-from .replay import BufferValues, RngState, buffer_slots, rng_restore, rng_snapshot
+from .replay import BufferValues, RngState, buffer_slots, copy_back, rng_restore, rng_snapshot, same_values
 from .stages import Stage
 
 Env = list[Any]
@@ -210,13 +210,8 @@ class _Held:
         value = self.value
         if isinstance(value, torch.Tensor):
             if self.values is not None and _version(value) != self.version:
-                try:
-                    with torch.no_grad():
-                        if value.shape != self.values.shape:
-                            value.resize_(self.values.shape)
-                        value.copy_(self.values)
-                except RuntimeError:  # a view that cannot be written (its buffer is put back itself)
-                    pass
+                with contextlib.suppress(RuntimeError):  # a view that cannot be written (its buffer is put back)
+                    copy_back(value, self.values)
         elif isinstance(value, list):  # not compared first: an item's __eq__ may be a proxy's, or a tensor's
             value[:] = self.values
         elif isinstance(value, collections.deque):
@@ -326,8 +321,7 @@ def _equal_objects(a: Any, b: Any) -> bool:
 
 def _equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     try:
-        return a.shape == b.shape and a.dtype == b.dtype and bool(
-            ((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
+        return a.dtype == b.dtype and same_values(a, b)
     except Exception:  # noqa: BLE001 - no kernel to compare them (sparse, meta): count them as different
         return False
 

@@ -58,21 +58,27 @@ class BufferValues:
 
     def changed(self) -> bool:
         """Whether a buffer was replaced or holds another value now (NaN where NaN was is no change)."""
-        return any(module._buffers[name] is not tensor or not _same_values(tensor, value)
+        return any(module._buffers[name] is not tensor or not same_values(tensor, value)
                    for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True))
 
     def put_back(self) -> None:
         if not self.slots:
             return
-        with torch.no_grad():
-            for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
-                module._buffers[name] = tensor
-                if tensor.shape != value.shape:  # resized in place (an observer's min/max, empty until it ran)
-                    tensor.resize_(value.shape)
-                tensor.copy_(value)
+        for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
+            module._buffers[name] = tensor
+            copy_back(tensor, value)
 
 
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+def copy_back(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """``value`` into ``tensor`` in place, at its shape again where a forward resized it in place (an observer's
+    min/max, empty until it ran)."""
+    with torch.no_grad():
+        if tensor.shape != value.shape:
+            tensor.resize_(value.shape)
+        tensor.copy_(value)
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
 
 
