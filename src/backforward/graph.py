@@ -118,10 +118,11 @@ def chain_graph(model: nn.Sequential) -> ModelGraph:
 class _Reading:
     """Around forwards run to read the model (tracing, the check against ``forward()``, the probe): puts back
     what they change, as it was: random numbers, buffers, gradients (a hook's ``backward()`` in the forward, as
-    an activation penalty's, would add into them; they are none meanwhile) and the modules' own attributes
-    (each rebound to what it held; a tensor's values, a container's items and the tensors among them, a
-    generator's state put back; attributes and buffers the forward added, such as a cache tracing filled with a
-    proxy, removed).
+    an activation penalty's, would add into them; they are none meanwhile), parameters a forward changes in
+    place (a copy of each is held meanwhile: ``.data`` changes bump no version counter, so values are compared)
+    and the modules' own attributes (each rebound to what it held; a tensor's values, a container's items and
+    the tensors among them, a generator's state put back; attributes and buffers the forward added, such as a
+    cache tracing filled with a proxy, removed).
     ``state_kept()`` names the attributes that hold state a forward keeps, which a pass that does not call its
     module would not advance. State kept elsewhere (globals, class attributes, other objects, hooks' closures)
     is not seen."""
@@ -132,7 +133,7 @@ class _Reading:
     def __enter__(self) -> _Reading:
         self.rng, self.buffers = rng_snapshot(), BufferValues(buffer_slots(self.model))
         self.grads = [(p, p.grad) for p in self.model.parameters()]
-        self.versions = [(name, p, p._version) for name, p in self.model.named_parameters()]
+        self.parameters = [(name, p, p.detach().clone()) for name, p in self.model.named_parameters()]
         # Buffers registered (or a None one set) by the forward: tracing would leave a proxy there.
         self.registered = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in self.model.modules()]
         self.attributes = {name: (m, {key: _held(value) for key, value in _own_attributes(m).items()})
@@ -148,9 +149,7 @@ class _Reading:
         changed = [(name, m, key) for name, (m, before) in self.attributes.items()
                    for key in dict.fromkeys([*_own_attributes(m), *before])  # in the module's order
                    if not _unchanged(getattr(m, key, _ABSENT), before.get(key))]
-        # A parameter the forward changes in place (not put back: that would take a copy of every parameter).
-        moved = [f"{name} (a parameter, changed in place)" for name, p, version in self.versions
-                 if p._version != version]
+        moved = [f"{name} (a parameter, changed in place)" for name, _, _ in self._moved()]
         if not changed:
             return moved
         first = {(name, key): _held(getattr(m, key, _ABSENT)) for name, m, key in changed}
@@ -161,6 +160,10 @@ class _Reading:
             return moved + [f"{name}.{key}" if name else key for name, m, key in changed]
         return moved + [f"{name}.{key}" if name else key for name, m, key in changed
                         if not _alike(getattr(m, key, _ABSENT), first[(name, key)])]
+
+    def _moved(self) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+        """The parameters a forward changed in place (name, parameter, value before)."""
+        return [(name, p, value) for name, p, value in self.parameters if not same_values(p.detach(), value)]
 
     def put_back(self) -> None:
         """Random numbers and buffers as they were (between two forwards of one reading)."""
@@ -177,6 +180,8 @@ class _Reading:
                 m._non_persistent_buffers_set.update(non_persistent)
         for p, g in self.grads:
             p.grad = g
+        for _, p, value in self._moved():
+            copy_back(p, value)
         for m, before in self.attributes.values():
             attributes = vars(m)
             for key in _own_attributes(m).keys() - before.keys():
