@@ -1693,6 +1693,97 @@ def test_a_buffer_set_by_the_first_forward_is_traced_again_once_set():
     assert twins.bf._engine == "graph" and torch.equal(model.inner[1].scale, twins.ref.inner[1].scale)
 
 
+class CountsWhenAsked(nn.Module):
+    """Keeps a count, which its output depends on, once its public flag is switched on."""
+
+    def __init__(self):
+        super().__init__()
+        self.counting = False
+        self.count = 0
+
+    def forward(self, x):
+        if self.counting:
+            self.count += 1
+        return x * (1 + 0.01 * self.count)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_flag_switched_on_later_is_read_again(traced):
+    """Read with the flag off, the module keeps no state (the fast engine runs); switched on, it keeps a count
+    that the last pass, not calling it, would not advance: the next step reads the model again and refuses it."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(4, 6), CountsWhenAsked(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = Traced(chain) if traced else chain
+    twins = BesideReference(model, [f"inner.{i}" if traced else str(i) for i in (0, 2, 4)])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == ("graph" if traced else "chain")
+    counters = [m for m in (*model.modules(), *twins.ref.modules()) if isinstance(m, CountsWhenAsked)]
+    for counter in counters:
+        counter.counting = True
+    said = fallback_warnings(twins, x, y)
+    assert len(said) == 1 and "keeps state in attributes" in said[0] and "counting" not in said[0]
+    assert [c.count for c in counters] == [6, 6]  # two steps of three passes, as the reference
+
+
+def test_a_hook_added_later_to_a_chain_child_has_it_read_again():
+    """A hook on the first child reading the last stage's weight, added after the chain engine ran: read again, the
+    first child depends on the last stage too, so the pass after it moved (reverse order) recomputes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    twins = BesideReference(model, ["0", "2", "4"])
+    twins.bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), order="reverse")
+    twins.ref_stages.reverse()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"
+    for m in (model, twins.ref):
+        m[0].register_forward_hook(lambda module, args, out, m=m: out + 0.1 * m[4].weight.sum())
+    # In data flow the last stage's weight now enters second, at the hook: reversed, stages 2, 4, 0.
+    twins.ref_stages = [list(twins.ref[i].parameters()) for i in (2, 4, 0)]
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain" and twins.bf.stage_names == ["0", "4", "2"]
+
+
+class Scales(nn.Module):
+    """A plain rate of its own (a user's module: its settings are part of the graph's key)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rate = 1.0
+
+    def forward(self, x):
+        return x * self.rate
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_rates_changed_every_step(traced):
+    """A rate annealed every step: torch.nn's own modules (dropout's p) keep the graph and the fast engine; a
+    user's module is read again each step, and only the last few graphs are kept (no growth step after step)."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 6), Scales(), nn.Tanh(), nn.Linear(6, 3))
+    model = Traced(chain) if traced else chain
+    twins = BesideReference(model, [f"inner.{i}" if traced else str(i) for i in (0, 2, 5)])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    fast = "graph" if traced else "chain"
+    for t in range(4):
+        for m in (model, twins.ref):
+            next(c for c in m.modules() if isinstance(c, nn.Dropout)).p = 0.5 - 0.1 * t
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == fast and len(twins.bf._graphs) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(12):
+            for m in (model, twins.ref):
+                next(c for c in m.modules() if isinstance(c, Scales)).rate = 1.0 + 0.01 * t
+            twins.step(x, y, seed=t)
+    assert twins.bf._engine == "generic"  # a new graph each step: its first step reads the stage order
+    assert len(twins.bf._graphs) == 8 and len(twins.bf._plan.engines) <= 8
+
+
 class CachesInADict(nn.Module):
     """Keeps a running mean in a dict (tracing, passing through it, fills the dict with a proxy)."""
 

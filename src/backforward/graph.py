@@ -638,9 +638,17 @@ def _storages(value: Any) -> set[int]:
 
 
 def settings_of(module: nn.Module) -> tuple:
-    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose."""
-    return tuple((k, v) for k, v in vars(module).items()
+    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose,
+    and the reading found no state kept with them. None for torch.nn's own modules (not a subclass): called
+    whole, they keep no state outside their buffers and read their own parameters alone, whatever their rate."""
+    if type(module).__module__.startswith(_TORCH_NN):
+        return ()
+    return tuple((k, _NAN if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(module).items()
                  if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
+
+
+_TORCH_NN = ("torch.nn.", "torch.ao.nn.")
+_NAN = object()  # a NaN set anew each call is the same setting (NaN != NaN would make a new key each step)
 
 
 def _run_whole(graph: ModelGraph, inputs: Any) -> Any:

@@ -16,10 +16,12 @@ from torch.nn.parameter import is_lazy
 
 from . import distributed
 from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass, scaler_stages
-from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential, settings_of
+from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, settings_of
 from .ics import ICSReport, gradient_shift
 from .replay import InputModified, buffer_slots
 from .stages import Stage, StageSpec, find_stages, parameter_names
+
+_GRAPHS_KEPT = 8  # graphs of one model read with different settings, kept to be used again
 
 ORDERS = ("forward", "reverse")
 
@@ -293,13 +295,15 @@ class Backforward(torch.optim.Optimizer):
         """The model as a graph of calls (traced again when a module's mode, plain attributes, hooks or buffers
         change: a buffer registered or set in a first forward, say); None, said once, where it cannot be read."""
         model = self.model
-        # A chain calls its children whole; a traced graph fixed the Python branches a module's mode or hooks took.
+        # A traced graph fixed the Python branches a module's mode or hooks took; the reading of either kind
+        # (probe) found no state kept with the flags of then, and the parameters each call reads.
         hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
-        key = (hooked, tuple(map(id, model)) if plain_sequential(model) else
-               tuple((id(m), settings_of(m), bool(m._forward_hooks or m._forward_pre_hooks),
-                      tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # a buffer a forward set
-                     for m in model.modules()))
+        key = (hooked, tuple((id(m), settings_of(m), bool(m._forward_hooks or m._forward_pre_hooks),
+                              tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # set by a forward
+                             for m in model.modules()))
         if key not in self._graphs:
+            if len(self._graphs) >= _GRAPHS_KEPT:  # settings that change every step (a rate a user anneals)
+                self._forget(self._graphs.pop(next(iter(self._graphs))))
             try:
                 self._graphs[key] = model_graph(self.model, inputs)
             except Refusal as reason:
@@ -308,6 +312,11 @@ class Backforward(torch.optim.Optimizer):
                     warnings.warn(f"backforward: step_batch runs the generic engine on {type(self.model).__name__}: "
                                   f"{reason}", stacklevel=_outside_this_package(sys._getframe()))
         return self._graphs[key]
+
+    def _forget(self, graph: ModelGraph | None) -> None:
+        """Drop a graph's engines (their values kept from the last step with it, and an id a new graph may reuse)."""
+        if graph is not None and self._plan is not None:
+            self._plan.engines = {key: e for key, e in self._plan.engines.items() if e.graph is not graph}
 
     def _current_plan(self) -> _Plan:
         """The stages of the parameters held now that require grad; found again when that set changes."""
