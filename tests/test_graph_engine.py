@@ -1748,6 +1748,38 @@ def test_a_hook_added_later_to_a_chain_child_has_it_read_again():
     assert twins.bf._engine == "chain" and twins.bf.stage_names == ["0", "4", "2"]
 
 
+class Scheduled(nn.Module):
+    """Tracing unrolls the loop over a list, bakes in a rate read from a dict and the function it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.layers, self.out = nn.Linear(6, 6), nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)]), \
+            nn.Linear(6, 3)
+        self.active = [0]
+        self.config = {"scale": 1.0}
+        self.activation = torch.tanh
+
+    def forward(self, x):
+        h = self.activation(self.inp(x))
+        for i in self.active:
+            h = self.activation(self.layers[i](h))
+        return self.out(h) * self.config["scale"]
+
+
+@pytest.mark.parametrize("change", [lambda m: m.active.append(1), lambda m: m.config.update(scale=3.0),
+                                    lambda m: setattr(m, "activation", torch.relu)],
+                         ids=["list", "dict", "function"])
+def test_a_list_dict_or_function_changed_later_has_the_model_traced_again(change):
+    torch.manual_seed(0)
+    model = Scheduled()
+    twins = BesideReference(model, ["inp", "layers.0", "layers.1", "out"])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    steps_on_the_graph_engine(twins, x, y)
+    change(model)
+    change(twins.ref)  # (layers.1, unused first, is a stage: its place among the stages counts once in use)
+    steps_on_the_graph_engine(twins, x, y)
+
+
 class Scales(nn.Module):
     """A plain rate of its own (a user's module: its settings are part of the graph's key)."""
 

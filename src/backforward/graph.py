@@ -41,6 +41,7 @@ import contextlib
 import functools
 import math
 import operator
+import types
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from copy import copy as shallow_copy
@@ -638,17 +639,34 @@ def _storages(value: Any) -> set[int]:
 
 
 def settings_of(module: nn.Module) -> tuple:
-    """A module's mode and plain attributes (flags, rates, sizes): a traced graph fixed the branches they chose,
-    and the reading found no state kept with them. None for torch.nn's own modules (not a subclass): called
-    whole, they keep no state outside their buffers and read their own parameters alone, whatever their rate."""
+    """A module's mode and plain attributes (flags, rates, sizes; lists, tuples and dicts of them, three levels
+    down; functions it calls): a traced graph fixed the branches and loops they chose and the functions it
+    called, and the reading found no state kept with them. None for torch.nn's own modules (not a subclass):
+    called whole, they keep no state outside their buffers and read their own parameters alone, whatever their
+    rate. Tensors and other objects are not settings."""
     if type(module).__module__.startswith(_TORCH_NN):
         return ()
-    return tuple((k, _NAN if isinstance(v, float) and math.isnan(v) else v) for k, v in vars(module).items()
-                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
+    return tuple((k, setting) for k, v in vars(module).items()
+                 if not k.startswith("_") and (setting := _setting(v)) is not _NOT_A_SETTING)
+
+
+def _setting(value: Any, depth: int = 3) -> Any:
+    if isinstance(value, _PLAIN):
+        return _NAN if isinstance(value, float) and math.isnan(value) else value  # NaN != NaN: a new key each step
+    if isinstance(value, (list, tuple)) and depth > 0:
+        return type(value), tuple(_setting(v, depth - 1) for v in value)
+    if isinstance(value, dict) and depth > 0:
+        return dict, tuple((k, _setting(v, depth - 1)) for k, v in value.items())
+    if isinstance(value, _FUNCTIONS):
+        return value  # held by the key: its identity is not reused
+    return _NOT_A_SETTING
 
 
 _TORCH_NN = ("torch.nn.", "torch.ao.nn.")
-_NAN = object()  # a NaN set anew each call is the same setting (NaN != NaN would make a new key each step)
+_PLAIN = (bool, int, float, str, type(None))
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
+_NAN = object()
+_NOT_A_SETTING = object()
 
 
 def _run_whole(graph: ModelGraph, inputs: Any) -> Any:
