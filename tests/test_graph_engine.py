@@ -1780,6 +1780,68 @@ def test_a_list_dict_or_function_changed_later_has_the_model_traced_again(change
     steps_on_the_graph_engine(twins, x, y)
 
 
+class TwoHeads(nn.Module):
+    """The loss picks one of two outputs per batch: b is used in one and not in the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.c(h), self.c(torch.tanh(self.b(h)))
+
+
+class EitherWay(nn.Module):
+    """Routes a batch through one of two layers by its sign: a chain child whose stages' data flow varies."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.first(x) if x.sum() > 0 else self.second(x)
+
+
+def pick_output(out, y):
+    return F.cross_entropy(out[int(y[0])], y)
+
+
+@pytest.mark.parametrize("chain, inplace", [(False, False), (True, False), (True, True)])
+def test_a_batch_whose_data_flow_orders_the_stages_otherwise_is_run_in_its_order(chain, inplace):
+    """The order is data flow, read from each step's first pass (unused stages last): a batch that uses a stage
+    the last one did not (a head the loss picks, a branch a child takes) runs in its own order, undone and run
+    again by the generic engine where the fast engine's plan had another; batches in the planned order run fast.
+    A batch the model changes in place (dropout first) is put back for the run again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Dropout(0.3, inplace=True)] * inplace, EitherWay(), nn.Tanh(), nn.Linear(6, 3)) \
+        if chain else TwoHeads()
+    loss_fn = F.cross_entropy if chain else pick_output
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ref))
+    bf = Backforward(model, opt)
+    # Worked out by hand: which stage each batch uses, and where it enters.
+    orders = ([f"{inplace:d}.first", f"{2 + inplace}", f"{inplace:d}.second"],
+              [f"{inplace:d}.second", f"{2 + inplace}", f"{inplace:d}.first"]) if chain else \
+        (["a", "c", "b"], ["a", "b", "c"])
+    engines = []
+    for t, which in enumerate([0, 0, 0, 1, 1, 0, 1]):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(8, 6, generator=g).abs() * (1 if which == 0 else -1)
+        y = torch.randint(0, 3, (8,), generator=g) if chain else torch.full((8,), which)
+        torch.manual_seed(t)
+        bf.step_batch(x, y, loss_fn)
+        engines.append(bf._engine)
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(t)).abs() * (1 if which == 0 else -1)
+        torch.manual_seed(t)
+        reference_step(ref, ref_opt, [list(ref.get_submodule(n).parameters()) for n in orders[which]],
+                       lambda x=x, y=y: backward(loss_fn(ref(x.clone()), y)))
+        assert_same_params(model, ref)
+        assert bf.stage_names == orders[which]
+    fast = "chain" if chain else "graph"
+    assert engines == ["generic", fast, fast, "generic", fast, "generic", "generic"]
+
+
 class Scales(nn.Module):
     """A plain rate of its own (a user's module: its settings are part of the graph's key)."""
 

@@ -49,6 +49,7 @@ class StepSetup:
     copy_inputs: bool = False               # keep a copy of them to put back
     unheld: Sequence[nn.Parameter] = ()     # trainable parameters outside every stage: they get no gradient
     reverse: bool = False                   # with order None: update the last stage first
+    check_order: bool = False               # order is the data flow read by an earlier step: OrderChanged if not
     optimizer: torch.optim.Optimizer | None = None  # its state and group-level state roll back with the step
     start_grads: dict[int, torch.Tensor] | None = None  # filled with G at θ_t for every stage (the ICS meter)
     reduce: Callable[[list[torch.Tensor]], None] | None = None  # averages tensors over processes, in place
@@ -65,6 +66,12 @@ class StepSetup:
         """Whether ``prepare_gradients`` has anything to do (else G'_k is the pass's gradient as it stands)."""
         return (self.start_grads is not None or self.reduce is not None or self.grad_scaler is not None
                 or self.max_grad_norm is not None)
+
+
+class OrderChanged(Exception):
+    """This step's data flow orders the stages otherwise than the order its fast passes were planned for (the
+    loss uses other parameters, a child routes this batch elsewhere); raised by pass 1's backward, before any
+    stage moved: the step is undone, to be run again reading the order."""
 
 
 @dataclass
@@ -96,6 +103,7 @@ class StageGradients:
         self.stages = setup.stages
         self.order = setup.order
         self.reverse = setup.reverse
+        self.check_order = setup.check_order
         self.unheld = setup.unheld
         self.parameters = setup.parameters
         self.start_grads = setup.start_grads
@@ -199,16 +207,20 @@ class StageGradients:
         self.calls += 1
         if not (first or self.user_leaves):
             return []
-        scan = scan_graph(roots, first_use=self.order is None)  # the order is read by the first call, if at all
+        reading = first and (self.order is None or self.check_order)
+        scan = scan_graph(roots, first_use=reading)  # the order is read by the first call, if at all
         if first:
             self.whole = scan.hides_parameters
-            if self.order is None:
+            if reading:
                 if scan.hides_parameters:
                     raise ValueError("a reentrant checkpoint (torch.utils.checkpoint with use_reentrant=True) hides "
                                      "its parameters from the autograd graph, so their data-flow order cannot be "
                                      "read: pass stages=[...] in forward order, or use use_reentrant=False")
                 forward = data_flow_order(self.stages, scan)
-                self.order = forward[::-1] if self.reverse else forward
+                order = forward[::-1] if self.reverse else forward
+                if self.order is not None and order != self.order:
+                    raise OrderChanged
+                self.order = order
         own = [leaf for key, leaf in scan.leaves.items() if key not in self.parameters]
         self.user_leaves = self.user_leaves or bool(own)
         return own

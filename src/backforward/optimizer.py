@@ -15,7 +15,16 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from . import distributed
-from .engines import RunPass, StepResult, StepSetup, backforward_step, batch_pass, closure_pass, scaler_stages
+from .engines import (
+    OrderChanged,
+    RunPass,
+    StepResult,
+    StepSetup,
+    backforward_step,
+    batch_pass,
+    closure_pass,
+    scaler_stages,
+)
 from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, settings_of
 from .ics import ICSReport, gradient_shift
 from .replay import InputModified, buffer_slots
@@ -209,8 +218,13 @@ class Backforward(torch.optim.Optimizer):
         run_pass = (fast.make_pass(inputs, targets, loss_fn) if fast is not None
                     else batch_pass(self.model, inputs, targets, loss_fn))
         self._engine = fast.kind if fast is not None else "generic"
-        result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
-                           inputs=tensors)
+        try:
+            result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
+                               inputs=tensors)
+        except OrderChanged:  # undone before any stage moved: the generic engine runs it again, reading the order
+            self._engine = "generic"
+            result = self._run(plan, batch_pass(self.model, inputs, targets, loss_fn), follow_graph=True, keep=keep,
+                               capturing=capturing, inputs=tensors)
         if tensors and not capturing:
             plan.inputs_modified = result.inputs_modified or (plan.inputs_modified is True)
         return result
@@ -225,7 +239,7 @@ class Backforward(torch.optim.Optimizer):
         scaler = self._scaler()
         setup = StepSetup(
             stages=list(plan.stages), parameters=plan.parameters,
-            # Named stages follow this step's data flow, read from its first pass (a fast pass needs it known).
+            # Named stages follow this step's data flow, read from its first pass (a fast pass: known, checked).
             order=None if self._named_stages and follow_graph else (forward[::-1] if reverse else forward),
             reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
@@ -233,6 +247,7 @@ class Backforward(torch.optim.Optimizer):
             scaler_before=self._others_scaled(scaler),
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
             rollback=self.rollback and not capturing, inputs=inputs,
+            check_order=self._named_stages and not follow_graph and not capturing,
             copy_inputs=plan.inputs_modified is not False and not capturing, rollback_store=plan.rollback_store)
         try:
             result = backforward_step(setup, run_pass, keep=keep)

@@ -143,6 +143,8 @@ class Replay:
     def rollback(self) -> None:
         rng_restore(self.rng_start)
         self.start.put_back()
+        if self.inputs is not None and self.inputs.copies is not None:  # (without a copy: as the step left it)
+            self.inputs.put_back()
 
 
 def _group_entries(group: dict[str, Any]) -> dict[str, Any]:
