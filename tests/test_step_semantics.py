@@ -905,12 +905,19 @@ def test_a_model_that_modifies_its_input_in_place_sees_the_same_batch_in_every_p
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     stages = [list(ref[i].parameters()) for i in (1, 3, 5)]
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5))
-    for t in range(3):
+    engines = []
+    for t in range(4):
         torch.manual_seed(t)
         reference_step(ref, ref_opt, stages, lambda: backward(F.cross_entropy(ref(x.clone()), y)))
         torch.manual_seed(t)
-        opt.step_batch(x.clone(), y, F.cross_entropy)
+        once = F.dropout(x.clone(), 0.2, training=True)  # what one plain forward leaves in the batch
+        batch = x.clone()
+        torch.manual_seed(t)
+        opt.step_batch(batch, y, F.cross_entropy)
+        engines.append(opt._engine)
         assert_same_params(model, ref)
+        assert torch.equal(batch, once)  # whichever passes ran the dropout (the chain's later passes do not)
+    assert engines == ["generic", "chain", "chain", "chain"]
 
 
 def test_explicit_stages_are_checked_alike_and_read_once():
@@ -2113,7 +2120,8 @@ def test_an_input_put_back_once_is_not_copied_again_unless_modified_again():
         model.scale_next = True
         version = x._version
         opt.step_batch(x, y, F.cross_entropy)
-        assert x._version - version == 2  # the model's mul_ in pass 1, one copy back before pass 2, none after
+        # The model's mul_ in pass 1, the copy put back before pass 2, the first pass's value put back after.
+        assert x._version - version == 3
 
 
 def test_clipping_without_the_meter_copies_no_gradient():

@@ -87,7 +87,8 @@ class InputModified(RuntimeError):
 
 
 class InputValues:
-    """A batch the model may modify in place (``nn.Dropout(inplace=True)`` first): put back before each pass.
+    """A batch the model may modify in place (``nn.Dropout(inplace=True)`` first): put back before each pass,
+    and left as the first pass left it (as one plain forward would), whichever passes modified it.
 
     A copy is kept only where asked (``keep``): the first step, to find out, and every step of
     a model found to modify its input.
@@ -98,6 +99,18 @@ class InputValues:
         self.versions = [t._version for t in inputs]
         self.copies = [t.detach().clone() for t in inputs] if keep else None
         self.modified = False
+        self.after_first: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # inputs the first pass changed, as it
+        # left them (value, version)
+
+    def keep_after_first(self) -> None:
+        self.after_first = [(t, t.detach().clone(), t._version)
+                            for t, v in zip(self.inputs, self.versions, strict=True) if t._version != v]
+
+    def as_after_first(self) -> None:
+        with torch.no_grad():
+            for t, value, version in self.after_first:
+                if t._version != version:  # put back (and maybe modified again) by a later pass
+                    t.copy_(value)
 
     def put_back(self) -> None:
         for i, t in enumerate(self.inputs):
@@ -134,11 +147,15 @@ class Replay:
         if j == 0:
             self.rng_after = rng_snapshot()
             self.after = BufferValues(self.slots)  # running statistics advance with the first pass only
+            if self.inputs is not None:
+                self.inputs.keep_after_first()
 
     def finish(self) -> None:
         assert self.rng_after is not None and self.after is not None
         rng_restore(self.rng_after)
         self.after.put_back()
+        if self.inputs is not None:
+            self.inputs.as_after_first()
 
     def rollback(self) -> None:
         rng_restore(self.rng_start)
