@@ -4,7 +4,7 @@ model promises."""
 import pytest
 import torch
 from awkward import RunningCenter
-from conftest import BASES, assert_same_params, clone, linear_stages
+from conftest import BASES, Traced, assert_same_params, clone, linear_stages
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -126,6 +126,30 @@ def test_dropout_and_batchnorm_chain_with_blocks_equals_reference():
         bf.step_batch(x, y, F.cross_entropy)
     assert bf._engine == "chain"
     assert_same_params(model, ref)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_random_numbers_drawn_as_many_as_the_data_asks_equal_reference(order, traced):
+    """RReLU draws one number per non-positive input (on CPU): once a stage before it moved, a pass draws another
+    count, so a later pass must start its recomputation where the pass before it stood, not where pass 1 did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.RReLU(), nn.Linear(6, 6), nn.RReLU(), nn.Linear(6, 6), nn.Linear(6, 3))
+    model = Traced(model) if traced else model
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    stages = linear_stages(model)
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.5), order=order)
+    for t in range(3):
+        torch.manual_seed(100 + t)
+        losses = reference_step(ref, ref_opt, ref_stages[::-1] if order == "reverse" else ref_stages,
+                                lambda: _backward(F.cross_entropy(ref(x), y)))
+        torch.manual_seed(100 + t)
+        bf.step_batch(x, y, F.cross_entropy)
+        assert bf.last_losses == losses
+        assert_same_params(model, ref)
+    assert bf._engine == ("graph" if traced else "chain")
 
 
 def test_a_sequential_with_its_own_forward_is_traced_not_chained():

@@ -14,7 +14,10 @@ last read. On a chain this is the paper's prefix cache: pass k starts at stage k
 The same function in every pass:
 
 - Random numbers: before each run of consecutive recomputed nodes the generator is set to
-  where pass 1 stood before that node, so dropout draws the masks of pass 1.
+  where the pass that last evaluated that node stood before it, so dropout draws the masks
+  of pass 1, and a count of draws that depends on the data (RReLU's) is the one a plain pass
+  would draw (the nodes before it drew as when they last ran; on a traced graph, unless a
+  pass in between recomputed a branch before it).
 - Buffers: nodes that touch the same buffer (a module called twice) are recomputed
   together, so a node never reads a buffer state an unrecomputed node would have written.
 - In-place operations: a kept value that a module modified in place is caught by its
@@ -681,7 +684,8 @@ def _run_whole(graph: ModelGraph, inputs: Any) -> Any:
 
 @dataclass
 class _PassPlan:
-    steps: list[tuple[int, Callable[[Env], Any], bool, bool, tuple[int, ...]]]  # op, evaluate, keep, rng, frees
+    steps: list[tuple[int, Callable[[Env], Any], bool, str | None, tuple[int, ...]]]  # op, evaluate, keep, rng
+    # (save or restore the random numbers before it), frees
     loads: tuple[int, ...]    # values read from earlier passes
     drops: tuple[int, ...]    # ... for the last time
 
@@ -738,11 +742,10 @@ class GraphEngine:
                 for u in plan.drops:
                     del self._cache[u]
                 for i, evaluate, keep, rng, frees in plan.steps:
-                    if rng:
-                        if j == 0:
-                            self._rng[i] = rng_snapshot()
-                        else:
-                            rng_restore(self._rng[i])
+                    if rng is _RESTORE:
+                        rng_restore(self._rng[i])
+                    elif rng is _SAVE:
+                        self._rng[i] = rng_snapshot()
                     value = env[i] = evaluate(env)
                     if keep:
                         self._cache[i] = _keep(value, copy=i in self.volatile)
@@ -812,8 +815,8 @@ def recompute_sets(graph: ModelGraph, stages: Sequence[Stage], order: Sequence[i
 
 
 def plan_passes(graph: ModelGraph, recomputed: Sequence[frozenset[int]]) -> list[_PassPlan]:
-    """Per pass: which values it loads, keeps for later passes and drops, where it restores the random numbers
-    pass 1 saw, and after which op each value it holds is no longer needed."""
+    """Per pass: which values it loads, keeps for later passes and drops, where it saves the random numbers for a
+    later pass and where it restores them, and after which op each value it holds is no longer needed."""
     ops = graph.ops
     n = len(recomputed)
     readers: list[list[int]] = [[] for _ in ops]
@@ -829,12 +832,19 @@ def plan_passes(graph: ModelGraph, recomputed: Sequence[frozenset[int]]) -> list
         return next((e for e in events[i][j + 1:] if e is not None), None)
 
     timed = [i for i, op in enumerate(ops) if not op.free]
-    starts = [set() for _ in range(n)]  # ops opening a run of recomputed ops (not the first: the pass start)
+    starts: list[set[int]] = [set() for _ in range(n)]  # ops opening a run of recomputed ops (not the pass start)
     for j in range(1, n):
         for before, i in zip(timed, timed[1:], strict=False):
             if i in recomputed[j] and before not in recomputed[j]:
                 starts[j].add(i)
-    snapshots = set().union(*starts)
+    # A run starts where the pass that evaluated its op last stood: the ops before it drew, in this pass, as many
+    # random numbers as they drew when they last ran (a count can depend on the data: RReLU's).
+    saves: list[set[int]] = [set() for _ in range(n)]
+    last: dict[int, int] = {}
+    for j in range(n):
+        for i in starts[j]:
+            saves[last[i]].add(i)
+        last.update(dict.fromkeys(recomputed[j], j))
     plans = []
     for j in range(n):
         run = [i for i in range(1, len(ops)) if i in recomputed[j] or (ops[i].free and any(
@@ -842,17 +852,20 @@ def plan_passes(graph: ModelGraph, recomputed: Sequence[frozenset[int]]) -> list
         loads = tuple(i for i in range(1, len(ops)) if not ops[i].free and events[i][j] == "read")
         drops = tuple(i for i in loads if next_event(i, j) != "read")
         keep = {i for i in run if not ops[i].free and next_event(i, j) == "read"}
-        rng = snapshots if j == 0 else starts[j]
         frees = _last_uses(ops, run)
-        plans.append(_PassPlan([(i, ops[i].evaluate, i in keep, i in rng, frees.get(i, ())) for i in run],
+        rng = dict.fromkeys(saves[j], _SAVE) | dict.fromkeys(starts[j], _RESTORE)  # restored: as saved already
+        plans.append(_PassPlan([(i, ops[i].evaluate, i in keep, rng.get(i), frees.get(i, ())) for i in run],
                                loads, drops))
     return plans
+
+
+_SAVE, _RESTORE = "save", "restore"  # the random numbers before an op: kept for a later pass, or put back
 
 
 def _whole_pass(graph: ModelGraph) -> _PassPlan:
     run = list(range(1, len(graph.ops)))
     frees = _last_uses(graph.ops, run)
-    return _PassPlan([(i, graph.ops[i].evaluate, False, False, frees.get(i, ())) for i in run], (), ())
+    return _PassPlan([(i, graph.ops[i].evaluate, False, None, frees.get(i, ())) for i in run], (), ())
 
 
 def _last_uses(ops: Sequence[Op], run: Sequence[int]) -> dict[int, tuple[int, ...]]:
