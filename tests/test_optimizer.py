@@ -343,6 +343,9 @@ def test_error_parameter_in_two_stages_or_in_none():
     with pytest.raises(ValueError) as caught:
         Backforward(model, opt, stages=[model[0], [model[0].weight], model[2], model[4]])
     assert str(caught.value) == "parameter 0.weight is claimed by two stages: '0' and '0.weight'"  # both named
+    with pytest.raises(ValueError) as caught:
+        Backforward(model, opt, stages=[[model[0].weight, model[0].weight, model[0].bias], model[2], model[4]])
+    assert str(caught.value) == "parameter 0.weight is listed twice in stage '0.weight'"
     with pytest.raises(ValueError, match=r"parameter 4.bias is in no stage"):
         Backforward(model, opt, stages=[model[0], model[2], [model[4].weight]])
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))

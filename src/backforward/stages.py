@@ -125,13 +125,14 @@ def explicit_stages(model: nn.Module, spec: Sequence[nn.Module | Iterable[nn.Par
 
 def check_stages(stages: Sequence[Stage], trainable: Sequence[nn.Parameter], names: dict[int, str]) -> None:
     """Every trainable parameter in exactly one stage, or an error that names the parameter."""
-    owner: dict[int, str] = {}
-    for stage in stages:
+    owner: dict[int, tuple[int, str]] = {}
+    for i, stage in enumerate(stages):
         for p in stage.params:
             if id(p) in owner:
-                raise ValueError(f"parameter {names[id(p)]} is claimed by two stages: "
-                                 f"{owner[id(p)]!r} and {stage.name!r}")
-            owner[id(p)] = stage.name
+                first, name = owner[id(p)]
+                raise ValueError(f"parameter {names[id(p)]} is listed twice in stage {name!r}" if first == i else
+                                 f"parameter {names[id(p)]} is claimed by two stages: {name!r} and {stage.name!r}")
+            owner[id(p)] = (i, stage.name)
     for p in trainable:
         if id(p) not in owner:
             raise ValueError(f"parameter {names[id(p)]} is in no stage")
