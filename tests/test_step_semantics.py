@@ -2147,3 +2147,109 @@ def test_a_forward_hook_that_backpropagates_before_the_loss_leaves_the_stage_its
         opt.step(lambda: backward(F.cross_entropy(model(x), y)))
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
         assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+class CentersLazily(nn.Module):
+    """A running mean held in a buffer that is None until the first forward sets it (or, ``register``, a buffer the
+    first forward registers)."""
+
+    def __init__(self, register: bool = False):
+        super().__init__()
+        self.register = register
+        if not register:
+            self.register_buffer("run", None)
+
+    def forward(self, h):
+        mean = h.detach().mean(0)
+        if getattr(self, "run", None) is None:
+            if self.register:
+                self.register_buffer("run", mean)
+            else:
+                self.run = mean
+        else:
+            self.run = 0.5 * self.run + 0.5 * mean
+        return h - self.run
+
+
+@pytest.mark.parametrize("register", [False, True])
+@pytest.mark.parametrize("entry", ["reference", "closure", "batch"])
+def test_a_buffer_a_forward_sets_is_unset_in_every_pass_and_as_the_first_pass_set_it_after(entry, register):
+    """Every pass sees the buffers of the step's start, a None one (or none at all) too: each pass sets it from its
+    own batch statistics alone, and the step leaves pass 1's value, worked out here by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), CentersLazily(register), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with torch.no_grad():
+        first = torch.relu(model[0](x)).mean(0)
+    twin = copy.deepcopy(model)  # each pass by hand: the buffer unset, the stages before it moved
+    losses = []
+    for k in (0, 3, 5):
+        twin[2].__init__(register)
+        loss = F.cross_entropy(twin(x), y)
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(twin[k].parameters()))
+        with torch.no_grad():
+            for p, g in zip(twin[k].parameters(), grads, strict=True):
+                p.add_(g, alpha=-0.3)  # as SGD adds it
+    twin[2]._buffers["run"] = first  # as pass 1 left it
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    stages = [list(model[k].parameters()) for k in (0, 3, 5)]
+    if entry == "reference":
+        got = reference_step(model, opt, stages, lambda: backward(F.cross_entropy(model(x), y)))
+    else:
+        bf = Backforward(model, opt)
+        if entry == "closure":
+            bf.step(lambda: backward(F.cross_entropy(model(x), y)))
+        else:
+            bf.step_batch(x, y, F.cross_entropy)
+        got = bf.last_losses
+    assert got == losses
+    assert torch.equal(model[2].run, first) and "run" in model[2]._buffers
+    assert_same_params(model, twin)
+
+
+@pytest.mark.parametrize("register", [False, True])
+def test_a_failed_step_unsets_a_buffer_its_forward_set(register):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), CentersLazily(register), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    calls = []
+
+    def fails_in_pass_2(out, target):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("pass 2 fails")
+        return F.cross_entropy(out, target)
+
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
+    with pytest.raises(RuntimeError, match="pass 2 fails"):
+        bf.step_batch(x, y, fails_in_pass_2)
+    assert model[1]._buffers == ({} if register else {"run": None})
+
+
+@pytest.mark.parametrize("entry", ["closure", "batch"])
+def test_a_step_run_inside_autocast_casts_each_pass_weights_anew(entry):
+    """Autocast keeps its casts of the weights until its region ends: a step run inside one would compute every
+    pass at the weights the step began with. Each pass equals a pass run in its own autocast region."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+
+    def in_its_own_region():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(ref(x), y)
+        return backward(loss)
+
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
+    for _ in range(2):
+        losses = reference_step(ref, ref_opt, [list(ref[k].parameters()) for k in (0, 2, 4)], in_its_own_region)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if entry == "closure":
+                bf.step(lambda: backward(F.cross_entropy(model(x), y)))
+            else:
+                bf.step_batch(x, y, F.cross_entropy)
+        assert bf.last_losses == losses and len(set(losses)) == 3
+        assert_same_params(model, ref)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .optimizer import Backforward
-from .replay import BufferValues, buffer_slots, rng_restore, rng_snapshot
+from .replay import BufferValues, rng_restore, rng_snapshot
 
 
 class CapturedStep:
@@ -113,7 +113,7 @@ def _draws_random_numbers(optimizer: Backforward, inputs: torch.Tensor, targets:
                           loss_fn: Callable[[Any, Any], torch.Tensor]) -> bool:
     """Run the forward once and see whether a generator moved; puts back the generators and buffers."""
     start = rng_snapshot()
-    buffers = BufferValues(buffer_slots(optimizer.model))
+    buffers = BufferValues(list(optimizer.model.modules()))
     try:
         with torch.no_grad():
             loss_fn(optimizer.model(inputs), targets)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .replay import BufferSlot, GroupStateReplay, InputValues, Replay, Rollback
+from .replay import GroupStateReplay, InputValues, Replay, Rollback
 from .stages import Stage, data_flow_order, scan_graph
 
 _autograd_backward = torch.autograd.backward  # the real one, while a closure runs with it intercepted
@@ -43,7 +43,7 @@ class StepSetup:
     stages: Sequence[Stage]
     order: list[int] | None                 # stage index updated in each pass; None: data flow, read in pass 1
     update: Callable[[Stage], None]         # moves one stage with its parameters' .grad
-    buffers: Sequence[BufferSlot]
+    modules: Sequence[nn.Module]            # the model's: every pass sees their buffers as the step began
     parameters: frozenset[int] = frozenset()  # ids of every parameter of the model (other leaves are the user's)
     inputs: Sequence[torch.Tensor] = ()     # step_batch's tensors: put back if the model modifies them in place
     copy_inputs: bool = False               # keep a copy of them to put back
@@ -361,7 +361,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
         p.grad = None  # gradients left from before the step are not part of it
     gradients = StageGradients(setup)
     inputs = InputValues(setup.inputs, setup.copy_inputs) if setup.inputs else None
-    replay = Replay(setup.buffers, inputs)
+    replay = Replay(setup.modules, inputs)
     undo = Rollback(setup.optimizer.state if setup.optimizer is not None else None, setup.rollback_store)
     groups = GroupStateReplay(setup.optimizer) if setup.optimizer is not None else None
     replaying = groups is not None and groups.replays  # else no base step changes a group entry
@@ -375,6 +375,8 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             undo.save(params)
         for j in range(len(stages)):
             replay.before_pass(j)
+            if j > 0:
+                torch.clear_autocast_cache()  # a step run inside autocast: its casts of weights since moved
             gradients.begin(j)
             with torch.enable_grad():  # as LBFGS runs its closure: a step inside no_grad() still trains
                 loss = run_pass(j, gradients)

@@ -135,7 +135,7 @@ class _Reading:
         self.model = model
 
     def __enter__(self) -> _Reading:
-        self.rng, self.buffers = rng_snapshot(), BufferValues(buffer_slots(self.model))
+        self.rng, self.buffers = rng_snapshot(), BufferValues(list(self.model.modules()))
         self.grads = [(p, p.grad) for p in self.model.parameters()]
         self.parameters = [(name, p, p.detach().clone()) for name, p in self.model.named_parameters()]
         # Buffers registered (or a None one set) by the forward: tracing would leave a proxy there.

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from .engines import StepSetup, backforward_step, closure_pass
-from .replay import buffer_slots
 from .stages import Stage, StageSpec, find_stages, parameter_names
 
 
@@ -74,7 +73,7 @@ def measure_ics(model: nn.Module, closure: Callable[[], torch.Tensor], lr: float
     named = stages is None or isinstance(stages, str)
     setup = StepSetup(stages=found, order=None if named else list(range(len(found))),
                       parameters=frozenset(parameter_names(model)), update=plain_sgd_step,
-                      buffers=buffer_slots(model), start_grads=plain, check_finite=False)
+                      modules=list(model.modules()), start_grads=plain, check_finite=False)
     result = backforward_step(setup, closure_pass(closure), keep=False)
     forward = result.order
     measured = torch.stack([gradient_shift([plain[id(p)] for p in found[k].params], result.measured_grads[k])

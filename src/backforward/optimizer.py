@@ -27,7 +27,7 @@ from .engines import (
 )
 from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, settings_of
 from .ics import ICSReport, gradient_shift
-from .replay import InputModified, buffer_slots
+from .replay import InputModified
 from .stages import Stage, StageSpec, find_stages, parameter_names
 
 _GRAPHS_KEPT = 8  # graphs of one model read with different settings, kept to be used again
@@ -241,7 +241,7 @@ class Backforward(torch.optim.Optimizer):
             stages=list(plan.stages), parameters=plan.parameters,
             # Named stages follow this step's data flow, read from its first pass (a fast pass: known, checked).
             order=None if self._named_stages and follow_graph else (forward[::-1] if reverse else forward),
-            reverse=reverse, update=plan.update, buffers=buffer_slots(self.model), unheld=plan.unheld,
+            reverse=reverse, update=plan.update, modules=list(self.model.modules()), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
             reduce=self._reducer(), grad_scaler=scaler, scaler_views=plan.scaler_views,
             scaler_before=self._others_scaled(scaler),

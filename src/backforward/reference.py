@@ -45,6 +45,7 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     for k, stage in enumerate(stages):
         _set_rng_state(rng_start)
         _set_buffers(buffers_start)
+        torch.clear_autocast_cache()  # a step run inside autocast: the weights' casts, made before they moved
         for p in [*stage_params, *(p for p, _ in others)]:
             p.grad = None  # the closure's backward would accumulate into the others' gradients in place
         loss = closure()
@@ -105,13 +106,18 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    return [(m, name, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+def _buffers(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor | None]]]:
+    """Every module's buffers, None ones too (a forward may set them, or register new ones)."""
+    return [(m, {name: None if b is None else b.detach().clone() for name, b in m._buffers.items()})
+            for m in model.modules()]
 
 
-def _set_buffers(saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
-    for m, name, value in saved:
-        m._buffers[name] = value.clone()
+def _set_buffers(saved: list[tuple[nn.Module, dict[str, torch.Tensor | None]]]) -> None:
+    for m, buffers in saved:
+        for name in m._buffers.keys() - buffers.keys():
+            del m._buffers[name]
+        for name, value in buffers.items():
+            m._buffers[name] = None if value is None else value.clone()
 
 
 def _equal(a, b) -> bool:

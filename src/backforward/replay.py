@@ -45,28 +45,35 @@ def buffer_slots(model: nn.Module) -> list[BufferSlot]:
 
 
 class BufferValues:
-    """The values of a model's buffers at one moment, to put back in place (modules may have replaced them).
+    """The buffers of some modules at one moment, to put back in place: which names each module holds (a forward
+    may set a None one, or register one) and the values of those that are tensors (modules may have replaced
+    them).
 
     Every buffer is copied: kernels such as batch norm's update running statistics in
     place without bumping the tensor's version counter, so a change cannot be detected.
     """
 
-    def __init__(self, slots: Sequence[BufferSlot]):
-        self.slots = slots
-        self.tensors = [module._buffers[name] for module, name in slots]
-        self.values = [t.detach().clone() for t in self.tensors]
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.held = [(m, dict(m._buffers)) for m in modules if m._buffers]
+        self.values = [(t, t.detach().clone()) for _, held in self.held for t in held.values() if t is not None]
+        self.empty = [m for m in modules if not m._buffers]  # a forward may register one
 
     def changed(self) -> bool:
-        """Whether a buffer was replaced or holds another value now (NaN where NaN was is no change)."""
-        return any(module._buffers[name] is not tensor or not same_values(tensor, value)
-                   for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True))
+        """Whether a buffer that was a tensor was replaced or holds another value now (NaN where NaN was is no
+        change)."""
+        return any(m._buffers.get(name) is not t for m, held in self.held for name, t in held.items()
+                   if t is not None) or not all(same_values(t, value) for t, value in self.values)
 
     def put_back(self) -> None:
-        if not self.slots:
-            return
-        for (module, name), tensor, value in zip(self.slots, self.tensors, self.values, strict=True):
-            module._buffers[name] = tensor
-            copy_back(tensor, value)
+        for m, held in self.held:
+            if m._buffers.keys() != held.keys() or any(m._buffers[k] is not t for k, t in held.items()):
+                m._buffers.clear()
+                m._buffers.update(held)
+        for m in self.empty:
+            if m._buffers:
+                m._buffers.clear()
+        for t, value in self.values:
+            copy_back(t, value)
 
 
 def copy_back(tensor: torch.Tensor, value: torch.Tensor) -> None:
@@ -128,11 +135,11 @@ class InputValues:
 class Replay:
     """Random numbers, buffers and the batch: every pass sees the step's start; afterwards, as after the first."""
 
-    def __init__(self, slots: Sequence[BufferSlot], inputs: InputValues | None = None):
-        self.slots = slots
+    def __init__(self, modules: Sequence[nn.Module], inputs: InputValues | None = None):
+        self.modules = modules
         self.inputs = inputs
         self.rng_start = rng_snapshot()
-        self.start = BufferValues(slots)
+        self.start = BufferValues(modules)
         self.rng_after: RngState | None = None
         self.after: BufferValues | None = None
 
@@ -146,7 +153,7 @@ class Replay:
     def after_pass(self, j: int) -> None:
         if j == 0:
             self.rng_after = rng_snapshot()
-            self.after = BufferValues(self.slots)  # running statistics advance with the first pass only
+            self.after = BufferValues(self.modules)  # running statistics advance with the first pass only
             if self.inputs is not None:
                 self.inputs.keep_after_first()
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..graph import ModelGraph, Refusal, dependencies, model_graph, recompute_sets, stage_uses
-from ..replay import BufferValues, buffer_slots, rng_restore, rng_snapshot
+from ..replay import BufferValues, rng_restore, rng_snapshot
 from ..stages import Stage
 
 
@@ -132,7 +132,7 @@ def _op_flops(model: nn.Module, graph: ModelGraph, x: torch.Tensor) -> list[floa
     everything = {id(m): m for top in modules.values() for m in top.modules()}
     handles = [m.register_forward_hook(count) for m in everything.values()]
     flops = []
-    rng, buffers = rng_snapshot(), BufferValues(buffer_slots(model))
+    rng, buffers = rng_snapshot(), BufferValues(list(model.modules()))
     try:
         with torch.no_grad():
             env: list = [None] * len(graph.ops)
