@@ -129,3 +129,9 @@ def test_download_rejects_a_bad_checksum_and_leaves_nothing(tmp_path, mirror):
 def test_download_command_reports_an_unreachable_mirror(tmp_path, capsys):
     assert main(["data", "download", "--to", str(tmp_path), "--mirror", "http://127.0.0.1:9/"]) == 2
     assert "download failed" in capsys.readouterr().err
+
+
+def test_the_source_names_the_folder_resolved_so_toy_json_is_reused_only_for_the_same_folder(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "a" / "idx")
+    monkeypatch.chdir(tmp_path / "a")
+    assert load_idx_dir("./idx/").source == f"IDX files in {(tmp_path / 'a' / 'idx').resolve()}"

@@ -212,3 +212,22 @@ def test_a_run_is_identified_by_all_of_its_settings():
     assert len({base.identity(), *(TrainConfig(**{name: value}).identity() for name, value in (
         ("epochs", 31), ("hidden", 255), ("batch_size", 64), ("data_dir", "/mnist"), ("seed", 1), ("lr", 0.1),
         ("depth", 2), ("track_ics", True), ("device", "cuda"), ("init_from", "/run"), ("momentum", 0.9)))}) == 12
+
+
+def test_the_data_folder_is_one_setting_however_it_is_typed_and_wherever(tmp_path, monkeypatch, capsys):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path / "a" / "idx", n_train=8)
+    write_mnist(tmp_path / "b" / "idx", n_train=12)  # other digits, in a folder of the same relative name
+    run = tmp_path / "run"
+    tiny = [*TINY, "--batch-size", "4", "--data-dir"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", *tiny, "idx", "--epochs", "1", "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["data_dir"] == str((tmp_path / "a" / "idx").resolve())
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["train", *tiny, "idx", "--epochs", "2", "--out", str(run), "--resume"]) == 2
+    assert f"other settings (data_dir {(tmp_path / 'a' / 'idx').resolve()}, asked " \
+           f"{(tmp_path / 'b' / 'idx').resolve()})" in capsys.readouterr().err
+    assert main(["train", *tiny, "../a/idx/", "--epochs", "2", "--out", str(run), "--resume"]) == 0
+    assert len(read_metrics(run)) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import CommandError, atomic_write_bytes, make_folder
+from .files import CommandError, absolute_path, atomic_write_bytes, make_folder
 
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalization
 EMBEDDED_TRAIN_PER_CLASS = 400  # 4,000 train / 1,000 validation of the 5,000 embedded digits
@@ -139,7 +139,7 @@ def load_idx_dir(data_dir: str | os.PathLike) -> Split:
         return normalize(arrays[f"{part}_images"][1]), torch.from_numpy(arrays[f"{part}_labels"][1].astype(np.int64))
 
     (xt, yt), (xv, yv) = tensors("train"), tensors("val")
-    return Split(xt, yt, xv, yv, f"IDX files in {data_dir}")
+    return Split(xt, yt, xv, yv, f"IDX files in {absolute_path(data_dir)}")  # names one folder, wherever run
 
 
 def download(to: str | os.PathLike, mirror: str = MNIST_MIRROR, checksums: dict[str, str] | None = None,

@@ -31,6 +31,15 @@ def os_problem(path: str | os.PathLike, e: OSError, doing: str = "cannot write")
     return CommandError(f"{path}: {doing} ({e.strerror or e})")
 
 
+def absolute_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` resolved (``~``, ``..``, links, the current folder): one folder, however it was typed.
+
+    Settings that name a folder (the data, the run to start from) are part of a run's identity
+    in this form, so ``idx``, ``./idx/`` and the absolute path are one setting, and ``idx`` typed
+    in another folder is another."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def make_folder(path: str | os.PathLike) -> Path:
     """``path`` as a folder, created if missing; one line if it is a file or cannot be created."""
     path = Path(path)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import launch
-from .files import CommandError, folder_lock, lock_holder, read_json
+from .files import CommandError, absolute_path, folder_lock, lock_holder, read_json
 from .progress import Progress
 from .report import markdown_table
 from .train import Diverged, TrainConfig, holds_run, read_metrics, read_status, train
@@ -70,7 +70,7 @@ def place(runs: Sequence[Run], out: Path, data_dir: str | None = None) -> list[P
     sources = [r.start_from.name for r in runs if r.start_from is not None]
     if not set(sources) <= set(names):
         raise ValueError(f"runs start from runs outside the sweep: {sorted(set(sources) - set(names))}")
-    data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
+    data_dir = absolute_path(data_dir) if data_dir else None
     placed: dict[str, Placed] = {}
 
     def complete(run: Run) -> Placed:

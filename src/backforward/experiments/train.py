@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from .cost import predicted_units, stage_flops
 from .data import Split, load
 from .files import (
     CommandError,
+    absolute_path,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
@@ -210,6 +211,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     mark the run interrupted and propagate.
     """
     config.validate()
+    config = replace(config, data_dir=absolute_path(config.data_dir), init_from=absolute_path(config.init_from))
     out = Path(out)
     rank, world = launch.rank_and_world()
     writer = rank == 0
