@@ -6,11 +6,15 @@ Exactness on the models researchers train is in test_awkward_models.py (every ca
 import collections
 import contextlib
 import copy
+import dataclasses
+import enum
 import gc
 import operator
+import types
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from conftest import Traced, activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
@@ -1777,6 +1781,63 @@ def test_a_list_dict_or_function_changed_later_has_the_model_traced_again(change
     steps_on_the_graph_engine(twins, x, y)
     change(model)
     change(twins.ref)  # (layers.1, unused first, is a stage: its place among the stages counts once in use)
+    steps_on_the_graph_engine(twins, x, y)
+
+
+class Mode(enum.Enum):
+    PLAIN = 1
+    DOUBLED = 2
+
+
+@dataclasses.dataclass
+class Config:
+    scale: float = 1.0
+
+
+class Configured(nn.Module):
+    """Reads a setting held in one kind of object; tracing fixes what it read."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.inp, self.layers, self.out = nn.Linear(6, 6), nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)]), \
+            nn.Linear(6, 3)
+        self.kind = kind
+        self.setting = {"namespace": types.SimpleNamespace(scale=1.0), "dataclass": Config(), "enum": Mode.PLAIN,
+                        "numpy": np.float32(1.0), "set": {0}, "nested": (types.SimpleNamespace(scale=1.0),)}[kind]
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.kind == "set":
+            for i in sorted(self.setting):
+                h = torch.tanh(self.layers[i](h))
+        if self.kind == "enum":
+            scale = 2.0 if self.setting is Mode.DOUBLED else 1.0
+        elif self.kind == "numpy":
+            scale = float(self.setting)
+        elif self.kind == "nested":
+            scale = self.setting[0].scale
+        else:
+            scale = getattr(self.setting, "scale", 1.0)
+        return self.out(h) * scale
+
+
+CHANGES = {"namespace": lambda m: setattr(m.setting, "scale", 3.0),
+           "dataclass": lambda m: setattr(m.setting, "scale", 3.0),
+           "enum": lambda m: setattr(m, "setting", Mode.DOUBLED),
+           "numpy": lambda m: setattr(m, "setting", np.float32(3)),
+           "set": lambda m: m.setting.add(1),
+           "nested": lambda m: setattr(m.setting[0], "scale", 3.0)}
+
+
+@pytest.mark.parametrize("kind", list(CHANGES))
+def test_a_setting_in_a_namespace_dataclass_enum_numpy_scalar_or_set_changed_later_is_read_again(kind):
+    torch.manual_seed(0)
+    model = Configured(kind)
+    twins = BesideReference(model, ["inp", "layers.0", "layers.1", "out"])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    steps_on_the_graph_engine(twins, x, y)
+    CHANGES[kind](model)
+    CHANGES[kind](twins.ref)
     steps_on_the_graph_engine(twins, x, y)
 
 

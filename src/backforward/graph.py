@@ -41,6 +41,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import decimal
+import enum
+import fractions
 import functools
 import math
 import operator
@@ -642,31 +645,64 @@ def _storages(value: Any) -> set[int]:
 
 
 def settings_of(module: nn.Module) -> tuple:
-    """A module's mode and plain attributes (flags, rates, sizes; lists, tuples and dicts of them, three levels
-    down; functions it calls): a traced graph fixed the branches and loops they chose and the functions it
-    called, and the reading found no state kept with them. None for torch.nn's own modules (not a subclass):
-    called whole, they keep no state outside their buffers and read their own parameters alone, whatever their
-    rate. Tensors and other objects are not settings."""
+    """What of a module's attributes a traced graph may have fixed (the branches and loops they chose, the
+    functions it called, the numbers it read) and the reading found no state kept with: numbers, strings and
+    flags (numpy's and enums too), functions and classes, and containers and plain objects (a config namespace
+    or dataclass) of these, three levels down and up to 64 items across (a larger one by identity). None for
+    torch.nn's own modules (not a subclass): called whole, they keep no state outside their buffers and read
+    their own parameters alone, whatever their rate. Not seen: a number read from a tensor (``.item()``),
+    class attributes, closures. Tensors are no settings: a traced graph reads them from the module."""
     if type(module).__module__.startswith(_TORCH_NN):
         return ()
     return tuple((k, setting) for k, v in vars(module).items()
-                 if not k.startswith("_") and (setting := _setting(v)) is not _NOT_A_SETTING)
+                 if not k.startswith("_") and (setting := _setting(v, 3)) is not _NOT_A_SETTING)
 
 
-def _setting(value: Any, depth: int = 3) -> Any:
+def _setting(value: Any, depth: int) -> Any:
     if isinstance(value, _PLAIN):
         return _NAN if isinstance(value, float) and math.isnan(value) else value  # NaN != NaN: a new key each step
-    if isinstance(value, (list, tuple)) and depth > 0:
-        return type(value), tuple(_setting(v, depth - 1) for v in value)
-    if isinstance(value, dict) and depth > 0:
-        return dict, tuple((k, _setting(v, depth - 1)) for k, v in value.items())
-    if isinstance(value, _FUNCTIONS):
-        return value  # held by the key: its identity is not reused
-    return _NOT_A_SETTING
+    if isinstance(value, (*_HASHED, *_FUNCTIONS)):
+        return value  # equal by value, or by identity (held by the key: its identity is not reused)
+    if isinstance(value, (torch.Tensor, nn.Module)) or depth == 0:
+        return _NOT_A_SETTING
+    if type(value).__module__ == "numpy" and hasattr(value, "tobytes"):  # a numpy scalar or array
+        return (type(value), value.shape, str(value.dtype), value.tobytes()) if value.size <= 64 else _Same(value)
+    if isinstance(value, slice):  # not hashable before Python 3.12
+        return slice, tuple(_setting(v, 0) for v in (value.start, value.stop, value.step))
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple, collections.deque, set, frozenset)):
+        items = list(enumerate(value))
+    elif hasattr(value, "__dict__") and not isinstance(value, type):  # a namespace, a dataclass
+        items = [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
+    else:
+        return _NOT_A_SETTING
+    if len(items) > 64:
+        return _Same(value)
+    if isinstance(value, (set, frozenset)):
+        return type(value), frozenset(_setting(v, depth - 1) for _, v in items)
+    return type(value), tuple((k, _setting(v, depth - 1)) for k, v in items)
+
+
+class _Same:
+    """A key part equal only to one for the same object (held: its identity is not reused)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 _TORCH_NN = ("torch.nn.", "torch.ao.nn.")
 _PLAIN = (bool, int, float, str, type(None))
+_HASHED = (complex, bytes, range, enum.Enum, type, fractions.Fraction, decimal.Decimal, torch.dtype, torch.device,
+           torch.layout, torch.memory_format)
 _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 _NAN = object()
 _NOT_A_SETTING = object()
