@@ -231,3 +231,15 @@ def test_the_data_folder_is_one_setting_however_it_is_typed_and_wherever(tmp_pat
            f"{(tmp_path / 'b' / 'idx').resolve()})" in capsys.readouterr().err
     assert main(["train", *tiny, "../a/idx/", "--epochs", "2", "--out", str(run), "--resume"]) == 0
     assert len(read_metrics(run)) == 2
+
+
+def test_a_cosine_run_cannot_be_extended_its_schedule_depends_on_its_length(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--schedule", "cosine", "--epochs", "1", "--out", str(run)]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", *TINY, "--schedule", "cosine", "--epochs", "2", "--out", str(run), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"backforward: error: {run}: a cosine schedule decays over the run's 1 epochs, "
+                                       "so it cannot become a 2-epoch run; resume with --epochs 1, or train a new "
+                                       "run with --epochs 2 into another --out\n")
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}

@@ -246,7 +246,8 @@ def add_train(sub) -> None:
                 "writes into a folder at a time")
     p.add_argument("--method", choices=METHODS, default="sgd", help="the optimizer's step")
     p.add_argument("--lr", type=positive(float), default=0.05, help="learning rate")
-    p.add_argument("--epochs", type=positive(int), default=30, help="epochs (the one setting --resume may raise)")
+    p.add_argument("--epochs", type=positive(int), default=30,
+                   help="epochs (the one setting --resume may raise, except with --schedule cosine)")
     p.add_argument("--batch-size", type=positive(int), default=128, help="samples per step (the last partial "
                                                                            "batch is dropped)")
     p.add_argument("--hidden", type=positive(int), default=256, help="hidden width")
@@ -277,7 +278,8 @@ def add_train(sub) -> None:
     p.add_argument("--device", type=device, default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
     p.add_argument("--out", type=output_folder, required=True, metavar="DIR", help="the run folder")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (same settings; --epochs may grow)")
+                   help="continue the run in --out from its last checkpoint (same settings; --epochs may grow, "
+                        "except with --schedule cosine)")
     p.set_defaults(run=cmd_train)
 
 

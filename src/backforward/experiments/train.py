@@ -8,7 +8,7 @@ atomically after every epoch, and ``.lock``: one process writes into a folder at
 ``resume=True`` continues from the last checkpoint and ends with the same metrics as an
 uninterrupted run, bit for bit on CPU, timings aside. It checks what it cannot take on
 trust: the checkpoint must load, the settings must be the run's own (only ``epochs`` may
-grow), and metrics it would not reproduce are never overwritten. Ctrl-C and SIGTERM stop
+grow, and not under a cosine schedule), and metrics it would not reproduce are never overwritten. Ctrl-C and SIGTERM stop
 a run after marking it interrupted; the epochs finished so far are kept.
 
 Under ``torchrun`` each rank trains on its shard of every global batch (same global
@@ -466,6 +466,12 @@ def _check_settings(saved: TrainConfig, config: TrainConfig, source: Path) -> No
     if differ:
         raise ConfigMismatch(f"{source.parent}: holds a run with other settings ({'; '.join(differ)}); resume "
                              "with the run's own settings (only --epochs may change), or choose another --out")
+    if saved.schedule == "cosine" and saved.epochs != config.epochs:
+        # The rate at every step depends on the run's length: the epochs done followed the old one, so the
+        # result would be no run of either length, though config.json would name the longer one.
+        raise ConfigMismatch(f"{source.parent}: a cosine schedule decays over the run's {saved.epochs} epochs, so "
+                             f"it cannot become a {config.epochs}-epoch run; resume with --epochs {saved.epochs}, "
+                             f"or train a new run with --epochs {config.epochs} into another --out")
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
