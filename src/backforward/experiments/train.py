@@ -8,8 +8,9 @@ atomically after every epoch, and ``.lock``: one process writes into a folder at
 ``resume=True`` continues from the last checkpoint and ends with the same metrics as an
 uninterrupted run, bit for bit on CPU, timings aside. It checks what it cannot take on
 trust: the checkpoint must load, the settings must be the run's own (only ``epochs`` may
-grow, and not under a cosine schedule), and metrics it would not reproduce are never overwritten. Ctrl-C and SIGTERM stop
-a run after marking it interrupted; the epochs finished so far are kept.
+grow, and not under a cosine schedule), and metrics it would not reproduce are never
+overwritten. Ctrl-C and SIGTERM stop a run after marking it interrupted; the epochs
+finished so far are kept.
 
 Under ``torchrun`` each rank trains on its shard of every global batch (same global
 order as one process); gradients are averaged per pass; only rank 0 writes.
