@@ -1794,6 +1794,11 @@ class Config:
     scale: float = 1.0
 
 
+@dataclasses.dataclass(slots=True)
+class SlottedConfig:
+    scale: float = 1.0
+
+
 class Configured(nn.Module):
     """Reads a setting held in one kind of object; tracing fixes what it read."""
 
@@ -1802,8 +1807,9 @@ class Configured(nn.Module):
         self.inp, self.layers, self.out = nn.Linear(6, 6), nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)]), \
             nn.Linear(6, 3)
         self.kind = kind
-        self.setting = {"namespace": types.SimpleNamespace(scale=1.0), "dataclass": Config(), "enum": Mode.PLAIN,
-                        "numpy": np.float32(1.0), "set": {0}, "nested": (types.SimpleNamespace(scale=1.0),)}[kind]
+        self.setting = {"namespace": types.SimpleNamespace(scale=1.0), "dataclass": Config(),
+                        "slots": SlottedConfig(), "enum": Mode.PLAIN, "numpy": np.float32(1.0), "set": {0},
+                        "nested": (types.SimpleNamespace(scale=1.0),)}[kind]
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
@@ -1823,6 +1829,7 @@ class Configured(nn.Module):
 
 CHANGES = {"namespace": lambda m: setattr(m.setting, "scale", 3.0),
            "dataclass": lambda m: setattr(m.setting, "scale", 3.0),
+           "slots": lambda m: setattr(m.setting, "scale", 3.0),
            "enum": lambda m: setattr(m, "setting", Mode.DOUBLED),
            "numpy": lambda m: setattr(m, "setting", np.float32(3)),
            "set": lambda m: m.setting.add(1),
@@ -1839,6 +1846,61 @@ def test_a_setting_in_a_namespace_dataclass_enum_numpy_scalar_or_set_changed_lat
     CHANGES[kind](model)
     CHANGES[kind](twins.ref)
     steps_on_the_graph_engine(twins, x, y)
+
+
+class LeakySkip(nn.Module):
+    """A skip around a LeakyReLU, divided by a rate read from it: tracing fixes the rate, and checks that nothing
+    changes in place a value the skip also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(6, 6), nn.LeakyReLU(0.1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h + self.act(h) / (1 + self.act.negative_slope))
+
+
+@pytest.mark.parametrize("change", ["inplace", "negative_slope"])
+def test_a_torch_nn_modules_attribute_changed_later_has_a_traced_model_read_again(change):
+    """Called whole, a torch.nn module runs its new setting, but a traced forward read its rate, and an in-place
+    activation now changes the value the skip reads (refused when traced: the generic engine runs)."""
+    torch.manual_seed(0)
+    model = LeakySkip()
+    twins = BesideReference(model, ["a", "b"])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    steps_on_the_graph_engine(twins, x, y)
+    for m in (model, twins.ref):
+        setattr(m.act, change, True if change == "inplace" else 0.5)
+    if change == "inplace":
+        said = fallback_warnings(twins, x, y)
+        assert len(said) == 1 and "act changes a in place while other operations read it too" in said[0]
+    else:
+        steps_on_the_graph_engine(twins, x, y)
+
+
+class DropsItsBuffer(nn.Module):
+    """Scales by a buffer it deletes on its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.full((4,), 2.0))
+
+    def forward(self, x):
+        if "scale" in self._buffers:
+            scale = self._buffers.pop("scale")
+            return x * scale
+        return x
+
+
+def test_a_chain_child_deleting_its_buffer_is_read_and_stepped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), DropsItsBuffer(), nn.Tanh(), nn.Linear(4, 3))
+    twins = BesideReference(model, ["0", "3"])
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert dict(model.named_buffers()) == {}
 
 
 class TwoHeads(nn.Module):
@@ -1916,8 +1978,9 @@ class Scales(nn.Module):
 
 @pytest.mark.parametrize("traced", [False, True])
 def test_rates_changed_every_step(traced):
-    """A rate annealed every step: torch.nn's own modules (dropout's p) keep the graph and the fast engine; a
-    user's module is read again each step, and only the last few graphs are kept (no growth step after step)."""
+    """A rate annealed every step: on a chain, torch.nn's own modules (dropout's p, called whole) keep the graph and
+    the fast engine; a traced model is read again (its forward may read the rate, or an in-place flag); a user's
+    module is read again each step, and only the last few graphs are kept (no growth step after step)."""
     torch.manual_seed(0)
     chain = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 6), Scales(), nn.Tanh(), nn.Linear(6, 3))
     model = Traced(chain) if traced else chain
@@ -1928,7 +1991,7 @@ def test_rates_changed_every_step(traced):
         for m in (model, twins.ref):
             next(c for c in m.modules() if isinstance(c, nn.Dropout)).p = 0.5 - 0.1 * t
         twins.step(x, y, seed=t)
-    assert twins.bf._engine == fast and len(twins.bf._graphs) == 1
+    assert (twins.bf._engine, len(twins.bf._graphs)) == (("generic", 4) if traced else (fast, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for t in range(12):

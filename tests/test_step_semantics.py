@@ -1,5 +1,6 @@
 """The corners DESIGN §1 defines: clipping, failed steps, hooks, group-level optimizer state, AMP, base checks."""
 
+import contextlib
 import copy
 import math
 import threading
@@ -2231,9 +2232,11 @@ def test_a_failed_step_unsets_a_buffer_its_forward_set(register):
 @pytest.mark.parametrize("entry", ["closure", "batch"])
 def test_a_step_run_inside_autocast_casts_each_pass_weights_anew(entry):
     """Autocast keeps its casts of the weights until its region ends: a step run inside one would compute every
-    pass at the weights the step began with. Each pass equals a pass run in its own autocast region."""
+    pass at the weights the step began with, and read a cast made before the step (by the model's reading) as a
+    weight's first use, ordering a BatchNorm (not cast) after the layers that follow it. Each pass equals a pass
+    run in its own autocast region, and a step after a failed one starts from the weights put back."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
@@ -2243,13 +2246,29 @@ def test_a_step_run_inside_autocast_casts_each_pass_weights_anew(entry):
             loss = F.cross_entropy(ref(x), y)
         return backward(loss)
 
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
+    expected = []  # each pass in its own region (none around the reference's steps)
     for _ in range(2):
-        losses = reference_step(ref, ref_opt, [list(ref[k].parameters()) for k in (0, 2, 4)], in_its_own_region)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if entry == "closure":
-                bf.step(lambda: backward(F.cross_entropy(model(x), y)))
-            else:
-                bf.step_batch(x, y, F.cross_entropy)
-        assert bf.last_losses == losses and len(set(losses)) == 3
-        assert_same_params(model, ref)
+        losses = reference_step(ref, ref_opt, [list(ref[k].parameters()) for k in (0, 1, 3, 5)], in_its_own_region)
+        expected.append((losses, copy.deepcopy(ref)))
+    calls = []
+
+    def fails_in_step_2_pass_2(out, target):
+        calls.append(1)
+        if len(calls) == 5:  # three passes of step 1, then step 2's second
+            raise RuntimeError("pass 2 fails")
+        return F.cross_entropy(out, target)
+
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
+    got = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # one region around every step
+        for t in range(3):
+            with contextlib.suppress(RuntimeError) if t == 1 else contextlib.nullcontext():
+                if entry == "closure":
+                    bf.step(lambda: backward(fails_in_step_2_pass_2(model(x), y)))
+                else:
+                    bf.step_batch(x, y, fails_in_step_2_pass_2)
+            if t != 1:
+                got.append((bf.last_losses, bf.stage_names, copy.deepcopy(model)))
+    for (losses, ref), (last_losses, names, stepped) in zip(expected, got, strict=True):
+        assert last_losses == losses and len(set(losses)) == 4 and names == ["0", "1", "3", "5"]
+        assert_same_params(stepped, ref)

@@ -375,8 +375,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             undo.save(params)
         for j in range(len(stages)):
             replay.before_pass(j)
-            if j > 0:
-                torch.clear_autocast_cache()  # a step run inside autocast: its casts of weights since moved
+            _forget_autocast_casts()
             gradients.begin(j)
             with torch.enable_grad():  # as LBFGS runs its closure: a step inside no_grad() still trains
                 loss = run_pass(j, gradients)
@@ -417,6 +416,7 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
             p.grad = g
         raise
     finally:
+        _forget_autocast_casts()
         if not setup.rollback:  # copies an AMP skip or a measurement took: not kept between steps
             setup.rollback_store.clear()
     if keep:
@@ -430,6 +430,13 @@ def backforward_step(setup: StepSetup, run_pass: RunPass, *, keep: bool = True) 
     changed = groups is not None and any(groups.changed)
     return StepResult(values, list(gradients.order), measured, changed, inputs is not None and inputs.modified,
                       skipped)
+
+
+def _forget_autocast_casts() -> None:
+    """A step run inside an autocast region: autocast keeps its casts of the weights until the region ends, so
+    each pass (and what the region runs after the step) would see weights cast before they moved, and pass 1's
+    graph would show a cast made earlier (the model's reading, say) as a weight's first use."""
+    torch.clear_autocast_cache()
 
 
 def prepare_gradients(setup: StepSetup, stage: Stage, loss: torch.Tensor, *, meter: bool,

@@ -625,7 +625,9 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
                     op.params += tuple(sorted(reads.read & parameters.keys() - set(op.params)))
                     op.buffers += tuple(sorted({buffers[b] for b in reads.read & buffers.keys()} - set(op.buffers)))
                     for (m, name), first in zip(slots, firsts, strict=True):
-                        buffers.setdefault(id(m._buffers[name]), first)  # rebound by the op (each pass: again)
+                        now = m._buffers.get(name)  # rebound by the op (each pass: again), or deleted
+                        if now is not None:
+                            buffers.setdefault(id(now), first)
         except Exception as e:
             if not traced:  # the user's forward failing on this batch, as a step would say
                 raise
@@ -644,15 +646,16 @@ def _storages(value: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
 
 
-def settings_of(module: nn.Module) -> tuple:
+def settings_of(module: nn.Module, *, chain: bool) -> tuple:
     """What of a module's attributes a traced graph may have fixed (the branches and loops they chose, the
-    functions it called, the numbers it read) and the reading found no state kept with: numbers, strings and
-    flags (numpy's and enums too), functions and classes, and containers and plain objects (a config namespace
-    or dataclass) of these, three levels down and up to 64 items across (a larger one by identity). None for
-    torch.nn's own modules (not a subclass): called whole, they keep no state outside their buffers and read
-    their own parameters alone, whatever their rate. Not seen: a number read from a tensor (``.item()``),
-    class attributes, closures. Tensors are no settings: a traced graph reads them from the module."""
-    if type(module).__module__.startswith(_TORCH_NN):
+    functions it called, the numbers it read, the in-place changes it checked) and the reading found no state
+    kept with: numbers, strings and flags (numpy's and enums too), functions and classes, and containers and
+    plain objects (a config namespace, a dataclass, slotted too) of these, three levels down and up to 64 items
+    across (a larger one by identity). On a ``chain``, none for torch.nn's own modules (not a subclass): called
+    whole, they keep no state outside their buffers and read their own parameters alone, whatever their rate.
+    Not seen: a number read from a tensor (``.item()``), class attributes, closures. Tensors are no settings: a
+    traced graph reads them from the module."""
+    if chain and type(module).__module__.startswith(_TORCH_NN):
         return ()
     return tuple((k, setting) for k, v in vars(module).items()
                  if not k.startswith("_") and (setting := _setting(v, 3)) is not _NOT_A_SETTING)
@@ -673,8 +676,8 @@ def _setting(value: Any, depth: int) -> Any:
         items = list(value.items())
     elif isinstance(value, (list, tuple, collections.deque, set, frozenset)):
         items = list(enumerate(value))
-    elif hasattr(value, "__dict__") and not isinstance(value, type):  # a namespace, a dataclass
-        items = [(k, v) for k, v in vars(value).items() if not k.startswith("_")]
+    elif not isinstance(value, type) and (hasattr(value, "__dict__") or hasattr(type(value), "__slots__")):
+        items = _attributes(value)  # a namespace, a dataclass
     else:
         return _NOT_A_SETTING
     if len(items) > 64:
@@ -682,6 +685,17 @@ def _setting(value: Any, depth: int) -> Any:
     if isinstance(value, (set, frozenset)):
         return type(value), frozenset(_setting(v, depth - 1) for _, v in items)
     return type(value), tuple((k, _setting(v, depth - 1)) for k, v in items)
+
+
+def _attributes(value: Any) -> list[tuple[str, Any]]:
+    """A plain object's public attributes, in its ``__dict__`` and its slots."""
+    found = [(k, v) for k, v in getattr(value, "__dict__", {}).items() if not k.startswith("_")]
+    for cls in type(value).__mro__:
+        slots = getattr(cls, "__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if not name.startswith("_") and hasattr(value, name):
+                found.append((name, getattr(value, name)))
+    return found
 
 
 class _Same:

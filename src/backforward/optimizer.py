@@ -25,7 +25,7 @@ from .engines import (
     closure_pass,
     scaler_stages,
 )
-from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, settings_of
+from .graph import GraphEngine, ModelGraph, Refusal, global_hooks, model_graph, plain_sequential, settings_of
 from .ics import ICSReport, gradient_shift
 from .replay import InputModified
 from .stages import Stage, StageSpec, find_stages, parameter_names
@@ -313,7 +313,8 @@ class Backforward(torch.optim.Optimizer):
         # A traced graph fixed the Python branches a module's mode or hooks took; the reading of either kind
         # (probe) found no state kept with the flags of then, and the parameters each call reads.
         hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
-        key = (hooked, tuple((id(m), settings_of(m), bool(m._forward_hooks or m._forward_pre_hooks),
+        chain = plain_sequential(model)
+        key = (hooked, tuple((id(m), settings_of(m, chain=chain), bool(m._forward_hooks or m._forward_pre_hooks),
                               tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # set by a forward
                              for m in model.modules()))
         if key not in self._graphs:

@@ -83,6 +83,7 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                          for group, before in zip(groups, before_step, strict=True)]
     _set_rng_state(rng_after)
     _set_buffers(buffers_after)
+    torch.clear_autocast_cache()
     for group, after in zip(groups, own_after, strict=True):
         for key, value in after.items():
             if value is _REMOVED:
