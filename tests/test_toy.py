@@ -1,5 +1,7 @@
 """The toy experiment: both methods start from the same weights and batch; arms change one setting each."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,3 +63,8 @@ def test_toy_command_prints_the_table(capsys):
     assert main(["toy", "--seeds", "2", "--hidden", "16"]) == 0
     out = capsys.readouterr().out
     assert "after SGD" in out and "after Backforward" in out and "2 seeds" in out
+
+
+def test_a_step_that_diverges_counts_as_an_infinite_loss_not_a_traceback():
+    trial = toy_trial(load_embedded(), ToyConfig(seeds=1, hidden=8, lr=3.4e38), seed=0)
+    assert trial["sgd"] == math.inf and trial["backforward"] == math.inf

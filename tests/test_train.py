@@ -243,3 +243,35 @@ def test_a_cosine_run_cannot_be_extended_its_schedule_depends_on_its_length(tmp_
                                        "so it cannot become a 2-epoch run; resume with --epochs 1, or train a new "
                                        "run with --epochs 2 into another --out\n")
     assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_run_that_fails_is_marked_failed_and_resumes_after_the_fix(tmp_path, monkeypatch, capsys):
+    from backforward.experiments import train as train_module
+    from backforward.experiments.files import CommandError
+
+    run = tmp_path / "run"
+
+    def full_disk(obj, path):
+        raise CommandError(f"{path}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(train_module, "atomic_torch_save", full_disk)
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(run)]) == 2
+    assert capsys.readouterr().err == (f"backforward: error: {run}/checkpoint.pt: cannot write (No space left on "
+                                       "device); the run is marked failed after 0 of 2 epochs: fix that, then run "
+                                       "the same command with --resume to continue\n")
+    assert read_status(run) == {"status": "failed", "epochs": 0,
+                                "message": f"{run}/checkpoint.pt: cannot write (No space left on device)"}
+    monkeypatch.undo()
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(run), "--resume"]) == 0
+    assert read_status(run) == {"status": "done", "epochs": 2} and len(read_metrics(run)) == 2
+
+
+def test_ctrl_c_before_the_run_starts_does_not_suggest_resume(tmp_path, monkeypatch, capsys):
+    from backforward.experiments import train as train_module
+
+    def interrupted(_data_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "load", interrupted)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "backforward: interrupted before the run started\n"

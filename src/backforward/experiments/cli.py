@@ -49,15 +49,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 # ---- argument types: each rejects a bad value at parse time, in one line ----
 
+FLOAT32_MAX = 3.4e38  # the rates and factors become float32 tensors: a larger one overflows in the first step
+WIDEST = 65536  # hidden width: a layer this wide already takes 200 MB (784 inputs); wider ones exhaust memory
+DEEPEST = 1000  # hidden layers
+LARGEST_SEED = 2 ** 32 - 1  # batch orders are seeded with seed·100003 + epoch, which must fit 64 bits
+
+
 def number(kind: Callable, accept: Callable[[float], bool], rule: str) -> Callable[[str], object]:
-    """An argparse type: ``kind(text)`` that must satisfy ``accept``, else a message stating ``rule``."""
+    """An argparse type: ``kind(text)``, finite, that must satisfy ``accept``, else a message stating ``rule``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
-        if not (math.isfinite(value) and accept(value)):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not accept(value):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
 
@@ -65,12 +73,29 @@ def number(kind: Callable, accept: Callable[[float], bool], rule: str) -> Callab
     return parse
 
 
-def positive(kind: Callable) -> Callable[[str], object]:
-    return number(kind, lambda v: v > 0, "positive")
+def positive(kind: Callable, at_most: float | None = None) -> Callable[[str], object]:
+    if at_most is None:
+        return number(kind, lambda v: v > 0, "positive")
+    return number(kind, lambda v: 0 < v <= at_most, f"positive and at most {at_most:g}")
 
 
-def non_negative(kind: Callable) -> Callable[[str], object]:
-    return number(kind, lambda v: v >= 0, "0 or more")
+def non_negative(kind: Callable, at_most: float | None = None) -> Callable[[str], object]:
+    if at_most is None:
+        return number(kind, lambda v: v >= 0, "0 or more")
+    return number(kind, lambda v: 0 <= v <= at_most, f"from 0 to {at_most:g}" if kind is float
+                  else f"from 0 to {at_most}")
+
+
+MOST_WEIGHTS = 2 ** 28  # 1 GiB of float32 weights; a step keeps several copies (gradients, optimizer state, replays)
+
+
+def too_big(hidden: int, depth: int, hidden_option: str, depth_option: str) -> str | None:
+    """Why an MLP of ``depth`` hidden layers ``hidden`` wide is too big to build here, or None if it is not."""
+    weights = 784 * hidden + (depth - 1) * hidden * hidden + 10 * hidden
+    if weights <= MOST_WEIGHTS:
+        return None
+    return (f"{hidden_option} {hidden} with {depth_option} {depth} makes {weights:.2g} weights, more than the "
+            f"{MOST_WEIGHTS:.2g} this harness builds; choose a smaller {hidden_option} or {depth_option}")
 
 
 def output_folder(text: str) -> str:
@@ -123,8 +148,8 @@ def add_toy(sub) -> None:
                 "Backforward from the same start, over many seeds")
     p.add_argument("--seeds", type=positive(int), default=20, help="seeds (each picks the batch and the weights)")
     p.add_argument("--batch-size", type=positive(int), default=4, help="digits in the batch")
-    p.add_argument("--hidden", type=positive(int), default=256, help="hidden width of the MLP")
-    p.add_argument("--lr", type=positive(float), default=1.0, help="learning rate of the one step")
+    p.add_argument("--hidden", type=positive(int, WIDEST), default=256, help="hidden width of the MLP")
+    p.add_argument("--lr", type=positive(float, FLOAT32_MAX), default=1.0, help="learning rate of the one step")
     p.add_argument("--zero-tol", type=positive(float), default=0.01, help="a loss below this counts as ~0")
     add_data_dir(p)
     p.set_defaults(run=cmd_toy)
@@ -137,6 +162,8 @@ def cmd_toy(args: argparse.Namespace) -> int:
 
     config = ToyConfig(seeds=args.seeds, batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
                        zero_tol=args.zero_tol)
+    if problem := too_big(args.hidden, 1, "--hidden", "depth"):
+        return fail(problem)
     data = load(args.data_dir)
     if config.batch_size > len(data.y_train):
         return fail(f"batch-size {config.batch_size} exceeds the {len(data.y_train)} training samples")
@@ -161,9 +188,9 @@ def add_bench(sub) -> None:
                    help="timed steps per method (their median counts; with --device cuda, timed samples of 10 "
                         "steps each)")
     p.add_argument("--warmup", type=non_negative(int), default=3, help="untimed steps first")
-    p.add_argument("--depths", type=positive(int), nargs="+", default=[1, 2, 4, 8],
+    p.add_argument("--depths", type=positive(int, DEEPEST), nargs="+", default=[1, 2, 4, 8],
                    help="hidden layers of the width --width MLPs")
-    p.add_argument("--width", type=positive(int), default=512, help="MLP hidden width")
+    p.add_argument("--width", type=positive(int, WIDEST), default=512, help="MLP hidden width")
     p.add_argument("--batch-size", type=positive(int), default=128, help="batch of the MLPs and the CNN")
     p.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="MODEL",
                    help=f"which models ({' '.join(MODELS)}); small-mlp: width 64, batch 16, depths 2 4 8; "
@@ -197,6 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return fail(f"--out {out} is a file, not a folder")
+    if problem := too_big(args.width, max(args.depths), "--width", "--depths"):
+        return fail(problem)
     torch.set_num_threads(args.threads)
     on_cuda = args.device == "cuda"
     if on_cuda:
@@ -245,19 +274,20 @@ def add_train(sub) -> None:
                 "and their identity), metrics.jsonl (a line per epoch), checkpoint.pt and status.json; one process "
                 "writes into a folder at a time")
     p.add_argument("--method", choices=METHODS, default="sgd", help="the optimizer's step")
-    p.add_argument("--lr", type=positive(float), default=0.05, help="learning rate")
+    p.add_argument("--lr", type=positive(float, FLOAT32_MAX), default=0.05, help="learning rate")
     p.add_argument("--epochs", type=positive(int), default=30,
                    help="epochs (the one setting --resume may raise, except with --schedule cosine)")
     p.add_argument("--batch-size", type=positive(int), default=128, help="samples per step (the last partial "
                                                                            "batch is dropped)")
-    p.add_argument("--hidden", type=positive(int), default=256, help="hidden width")
-    p.add_argument("--depth", type=positive(int), default=1, help="hidden layers")
-    p.add_argument("--seed", type=non_negative(int), default=0, help="fixes the initial weights and batch order")
+    p.add_argument("--hidden", type=positive(int, WIDEST), default=256, help="hidden width")
+    p.add_argument("--depth", type=positive(int, DEEPEST), default=1, help="hidden layers")
+    p.add_argument("--seed", type=non_negative(int, LARGEST_SEED), default=0,
+                   help="fixes the initial weights and batch order")
     p.add_argument("--batchnorm", action="store_true", help="BatchNorm after each hidden Linear")
     p.add_argument("--order", choices=ORDERS, default="forward",
                    help="Backforward's stage order (reverse keeps the shift)")
-    p.add_argument("--momentum", type=non_negative(float), default=0.0, help="SGD momentum")
-    p.add_argument("--weight-decay", type=non_negative(float), default=0.0, help="SGD weight decay")
+    p.add_argument("--momentum", type=non_negative(float, FLOAT32_MAX), default=0.0, help="SGD momentum")
+    p.add_argument("--weight-decay", type=non_negative(float, FLOAT32_MAX), default=0.0, help="SGD weight decay")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="learning rate schedule (cosine decays to 0 over the run)")
     p.add_argument("--switch-epoch", type=non_negative(int), default=0, metavar="N",
@@ -294,6 +324,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.validate()
     except ValueError as e:
         return fail(str(e))
+    if problem := too_big(args.hidden, args.depth, "--hidden", "--depth"):
+        return fail(problem)
     distributed = launched_by_torchrun()
     code = _train(config, args, distributed)
     if distributed:
@@ -304,17 +336,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(config, args: argparse.Namespace, distributed: bool) -> int:
     from . import launch
     from .files import CommandError
-    from .train import EXIT_DIVERGED, Diverged, read_status, train
+    from .train import EXIT_DIVERGED, Diverged, holds_run, read_status, train
 
     try:
         with launch.process_group(config.device) if distributed else nullcontext():
             train(config, args.out, resume=args.resume)
     except (CommandError, ValueError) as e:
-        return fail(str(e))
+        return fail(f"{e}{_failed(e, config)}")
     except Diverged as e:
         print(f"backforward: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except launch.INTERRUPTS as e:
+        if not holds_run(args.out):  # stopped before the run's first file: nothing to resume
+            print(f"backforward: {stopped(e)} before the run started", file=sys.stderr)
+            return launch.exit_code(e)
         try:
             done = f"after {read_status(args.out).get('epochs', 0)} of {config.epochs} epochs"
         except CommandError:
@@ -323,12 +358,26 @@ def _train(config, args: argparse.Namespace, distributed: bool) -> int:
         return launch.exit_code(e)
     except RuntimeError as e:
         if not distributed:
+            if out_of_memory(e):
+                return fail(f"out of memory ({_first_line(e)}){_failed(e, config)}")
             raise
         # A collective failed: another process died or timed out. Say so in one line, not a traceback.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return fail(f"rank {os.environ.get('RANK')}: lost the other processes ({first}); "
+        return fail(f"rank {os.environ.get('RANK')}: lost the other processes ({_first_line(e)}); "
                     "see the failing rank's own message")
     return 0
+
+
+def _failed(e: BaseException, config) -> str:
+    """How to continue a run that ``e`` stopped after it started (``train`` marked it failed), else ""."""
+    if getattr(e, "failed_after", None) is None:
+        return ""
+    return (f"; the run is marked failed after {e.failed_after} of {config.epochs} epochs: fix that, then run the "
+            "same command with --resume to continue")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]
 
 
 def add_data(sub) -> None:
@@ -430,6 +479,13 @@ def fail(message: str) -> int:
     return 2
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch (or Python) failing to allocate memory."""
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def stopped(interrupt: BaseException) -> str:
     from .launch import Terminated
 
@@ -492,6 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(str(e))
         except OSError as e:  # a file fault the code did not foresee: still one line, naming the file
             return fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            return fail(f"out of memory ({_first_line(e)}); choose a smaller model or batch")
         except WorkerDied as e:
             print(f"backforward: error: {e}", file=sys.stderr)
             return 1

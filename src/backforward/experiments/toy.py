@@ -9,6 +9,7 @@ input scale, hidden width, initialisation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,9 +78,14 @@ def toy_trial(data: Split, config: ToyConfig, seed: int) -> dict[str, float]:
             loss_fn(model(x), y).backward()
             base.step()
         else:
-            Backforward(model, base).step_batch(x, y, loss_fn)
+            try:
+                Backforward(model, base).step_batch(x, y, loss_fn)
+            except FloatingPointError:  # a pass's loss became non-finite (the step was undone): it diverged
+                result[method] = math.inf
+                continue
         with torch.no_grad():
-            result[method] = float(loss_fn(model(x), y))
+            loss = float(loss_fn(model(x), y))
+        result[method] = loss if math.isfinite(loss) else math.inf  # diverged: NaN would compare as neither
     return result
 
 

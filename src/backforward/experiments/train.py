@@ -2,7 +2,7 @@
 
 The run folder holds ``config.json`` (every setting and the identity hashed from them),
 ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (model, optimizer, RNG states, the
-metrics so far) and ``status.json`` (running, interrupted, diverged or done), each rewritten
+metrics so far) and ``status.json`` (running, interrupted, failed, diverged or done), each rewritten
 atomically after every epoch, and ``.lock``: one process writes into a folder at a time.
 
 ``resume=True`` continues from the last checkpoint and ends with the same metrics as an
@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -260,6 +260,12 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
             if writer:
                 _write_status(out, "interrupted", epochs=len(metrics))
             raise
+        except Diverged:
+            raise  # its status, with the step, is written
+        except Exception as e:  # a full disk, memory, a bug: not left "running", which no process is
+            if writer:
+                _mark_failed(out, len(metrics), e)
+            raise
         if writer:
             _write_status(out, "done", epochs=len(metrics))
     return metrics
@@ -335,9 +341,9 @@ def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.
                                     "rel_shift": _mean(v[3])} for name, v in ics.items()}
         rng_states = launch.gather_objects(rng_snapshot())  # every rank's, so each resumes its own stream
         with launch.interrupts_deferred():  # an epoch counts once it is saved, and is saved whole
-            metrics.append(record)
             if writer:
-                _save(out, config, model, base, metrics, rng_states)
+                _save(out, config, model, base, [*metrics, record], rng_states)
+            metrics.append(record)  # only now: a save that failed leaves the epochs saved, which status.json names
         if progress and writer and not sys.stderr.isatty():
             print(f"epoch {epoch}/{config.epochs}  train_loss {record['train_loss']:.4f}  "
                   f"val_acc {val_acc:.4f}  ({seconds:.1f}s)", file=sys.stderr)
@@ -503,6 +509,14 @@ def _lines(metrics: list[dict]) -> list[str]:
 
 def _write_status(out: Path, status: str, **details: object) -> None:
     atomic_write_json(out / "status.json", {"status": status, **details})
+
+
+def _mark_failed(out: Path, epochs: int, e: Exception) -> None:
+    """Record in ``status.json`` that the run stopped on ``e``, and on ``e`` (``failed_after``) after how many
+    epochs, for the command line to say how to continue."""
+    e.failed_after = epochs
+    with suppress(CommandError):  # the disk that failed may refuse this too; the message says what went wrong
+        _write_status(out, "failed", epochs=epochs, message=_first_line(e))
 
 
 def _diverged(out: Path, writer: bool, epoch: int, step: int, message: str) -> Diverged:
