@@ -12,12 +12,14 @@ from backforward.experiments.train import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    """A file, an empty folder, a finished 16-wide run, and a run whose checkpoint is damaged."""
+    """A file, an empty folder, a finished 16-wide run, a run whose checkpoint is damaged, and an interrupted run."""
     root = tmp_path_factory.mktemp("paths")
     (root / "file").write_text("not a folder\n")
     (root / "empty").mkdir()
     train(TrainConfig(epochs=1, hidden=16), root / "run16", progress=False)
     train(TrainConfig(epochs=1, hidden=16), root / "damaged", progress=False)
+    train(TrainConfig(epochs=1, hidden=16), root / "unfinished", progress=False)
+    (root / "unfinished" / "status.json").write_text('{"status": "interrupted", "epochs": 1}\n')
     (root / "damaged" / "checkpoint.pt").write_bytes(b"\x00" * 64)
     return root
 
@@ -72,6 +74,8 @@ BAD = [  # (arguments, what the one line must say); {paths} and {tmp} are filled
     ([*TRAIN, "--init-from", "{paths}/file"], "file is a file, not a run folder"),
     ([*TRAIN, "--init-from", "{paths}/empty"], "empty holds no checkpoint.pt"),
     ([*TRAIN, "--init-from", "{paths}/damaged"], "damaged/checkpoint.pt: unreadable checkpoint"),
+    ([*TRAIN, "--init-from", "{paths}/unfinished"], "argument --init-from: {paths}/unfinished holds an unfinished "
+     "run (status interrupted, 1 epochs done); finish it with --resume first"),
     ([*TRAIN[:-2], "--hidden", "32", "--init-from", "{paths}/run16", "--out", "{tmp}/r"],
      "run16/checkpoint.pt: its model does not fit this run's (size mismatch for 0.weight"),
     ([*TRAIN[:-2], "--out", "{paths}/file"], "argument --out: {paths}/file is a file, not a folder"),

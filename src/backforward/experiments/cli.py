@@ -122,6 +122,16 @@ def run_folder(text: str) -> str:
     if not (Path(text) / "checkpoint.pt").is_file():
         raise argparse.ArgumentTypeError(f"{text} holds no checkpoint.pt (not a run folder, or a run that "
                                          "never finished an epoch)")
+    from .files import CommandError
+    from .train import read_status
+
+    try:
+        status = read_status(text)
+    except CommandError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if status.get("status") != "done":  # its checkpoint is the model of some epoch, not the final one
+        raise argparse.ArgumentTypeError(f"{text} holds an unfinished run (status {status.get('status')}, "
+                                         f"{status.get('epochs', 0)} epochs done); finish it with --resume first")
     return text
 
 
