@@ -67,6 +67,11 @@ def bad_cases():
     yield "count", {"train-labels-idx1-ubyte": idx_bytes(np.zeros(5))}, "5 labels for 6 images"
     yield "range", {"t10k-labels-idx1-ubyte": idx_bytes(np.array([0, 1, 12, 3]))}, "label 12 out of range"
     yield "size", {"train-images-idx3-ubyte": idx_bytes(np.zeros((6, 14, 14)))}, "images are 14x14"
+    yield "no images", {"train-images-idx3-ubyte": idx_bytes(np.zeros((0, 28, 28))),
+                        "train-labels-idx1-ubyte": idx_bytes(np.zeros(0))}, \
+        "train-images-idx3-ubyte: holds no images: its header counts 0"
+    yield "no labels", {"t10k-labels-idx1-ubyte": idx_bytes(np.zeros(0))}, \
+        "t10k-labels-idx1-ubyte: holds no labels: its header counts 0"
 
 
 @pytest.mark.parametrize("case", list(bad_cases()), ids=lambda c: c[0])
@@ -78,6 +83,8 @@ def test_bad_data_is_one_clear_line_and_exit_2(tmp_path, capsys, case):
     assert main(["train", "--data-dir", str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message.split(":")[0] in err and str(tmp_path) in err
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == err
 
 
 def test_unreadable_gzip(tmp_path):
