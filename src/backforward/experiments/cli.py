@@ -98,8 +98,15 @@ def too_big(hidden: int, depth: int, hidden_option: str, depth_option: str) -> s
             f"{MOST_WEIGHTS:.2g} this harness builds; choose a smaller {hidden_option} or {depth_option}")
 
 
+def not_empty(text: str) -> None:
+    """An empty path would mean the current folder (Path("") is "."): never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a folder")
+
+
 def output_folder(text: str) -> str:
     """A folder to write into: it may not exist yet, but it must not be a file."""
+    not_empty(text)
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
     return text
@@ -107,6 +114,7 @@ def output_folder(text: str) -> str:
 
 def data_folder(text: str) -> str:
     """A folder of MNIST IDX files (checked file by file when loaded)."""
+    not_empty(text)
     if Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text} is a file; give the folder that holds the four IDX files")
     if not Path(text).is_dir():
@@ -116,6 +124,7 @@ def data_folder(text: str) -> str:
 
 def run_folder(text: str) -> str:
     """The folder of a finished ``train`` run, to start from its model."""
+    not_empty(text)
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text}: no such folder" if not Path(text).exists()
                                          else f"{text} is a file, not a run folder")
