@@ -311,3 +311,36 @@ def test_averaging_leaves_the_loss_tensors_the_closure_returned_alone(monkeypatc
     assert float(first) == pytest.approx(0.5 * plain, rel=1e-12)
     assert float(returned[0].detach()) == pytest.approx(plain, rel=1e-12)
     assert opt.last_losses == pytest.approx([0.5 * float(t.detach()) for t in returned], rel=1e-12)
+
+
+class SignRouted(nn.Module):
+    """Sends a batch of positive mean through ``a``, any other through ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.a(x) if x.mean() > 0 else self.b(x)
+
+
+def test_across_processes_the_fast_engine_keeps_the_order_every_rank_read(monkeypatch):
+    """Read alike on both ranks, the order is kept when one rank's batch would order the stages otherwise: run
+    again alone, that rank would meet the other's all-reduces with another stage's gradients (README: such a
+    model needs explicit stages)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(route=SignRouted(), act=nn.Tanh(), head=nn.Linear(6, 3)))
+    x, y = torch.randn(12, 4).abs(), torch.randint(0, 3, (12,))
+    group = ThreadGroup(2)
+    group.install(monkeypatch)
+
+    def work(rank):
+        replica = copy.deepcopy(model)
+        bf = Backforward(replica, sgd(replica))
+        xs, ys = halves(x, y)[rank]
+        for t in range(3):
+            bf.step_batch(-xs if rank == 1 and t == 2 else xs, ys, F.cross_entropy)
+        return bf.stage_names, bf._engine
+
+    results = group.run(work)
+    assert results == [(["route.a", "head", "route.b"], "chain")] * 2

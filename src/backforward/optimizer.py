@@ -237,17 +237,19 @@ class Backforward(torch.optim.Optimizer):
         reverse = self.order == "reverse"
         forward = list(range(len(plan.stages)))
         scaler = self._scaler()
+        reduce = self._reducer()
         setup = StepSetup(
             stages=list(plan.stages), parameters=plan.parameters,
             # Named stages follow this step's data flow, read from its first pass (a fast pass: known, checked).
             order=None if self._named_stages and follow_graph else (forward[::-1] if reverse else forward),
             reverse=reverse, update=plan.update, modules=list(self.model.modules()), unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
-            reduce=self._reducer(), grad_scaler=scaler, scaler_views=plan.scaler_views,
+            reduce=reduce, grad_scaler=scaler, scaler_views=plan.scaler_views,
             scaler_before=self._others_scaled(scaler),
             max_grad_norm=self.max_grad_norm, check_finite=self.check_finite and not capturing,
             rollback=self.rollback and not capturing, inputs=inputs,
-            check_order=self._named_stages and not follow_graph and not capturing,
+            # Not across processes: a rank running again alone would meet the others' all-reduces in another order.
+            check_order=self._named_stages and not follow_graph and not capturing and reduce is None,
             copy_inputs=plan.inputs_modified is not False and not capturing, rollback_store=plan.rollback_store)
         try:
             result = backforward_step(setup, run_pass, keep=keep)
