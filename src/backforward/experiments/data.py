@@ -109,6 +109,8 @@ def read_idx(path: Path, expected_dims: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(expected_dims)]
+    if dims[0] == 0:
+        raise DataError(f"{path}: holds no {'images' if expected_dims == 3 else 'labels'}: its header counts 0")
     if expected_dims == 3 and dims[1:] != [28, 28]:
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
     need = header + int(np.prod(dims))
