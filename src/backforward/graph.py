@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import decimal
 import enum
-import fractions
 import functools
 import math
 import operator
@@ -664,7 +662,7 @@ def settings_of(module: nn.Module, *, chain: bool) -> tuple:
 def _setting(value: Any, depth: int) -> Any:
     if isinstance(value, _PLAIN):
         return _NAN if isinstance(value, float) and math.isnan(value) else value  # NaN != NaN: a new key each step
-    if isinstance(value, (*_HASHED, *_FUNCTIONS)):
+    if isinstance(value, (*_HASHED, *_FUNCTIONS)) or type(value).__module__ in ("fractions", "decimal"):
         return value  # equal by value, or by identity (held by the key: its identity is not reused)
     if isinstance(value, (torch.Tensor, nn.Module)) or depth == 0:
         return _NOT_A_SETTING
@@ -715,8 +713,7 @@ class _Same:
 
 _TORCH_NN = ("torch.nn.", "torch.ao.nn.")
 _PLAIN = (bool, int, float, str, type(None))
-_HASHED = (complex, bytes, range, enum.Enum, type, fractions.Fraction, decimal.Decimal, torch.dtype, torch.device,
-           torch.layout, torch.memory_format)
+_HASHED = (complex, bytes, range, enum.Enum, type, torch.dtype, torch.device, torch.layout, torch.memory_format)
 _FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 _NAN = object()
 _NOT_A_SETTING = object()
