@@ -80,6 +80,16 @@ BAD = [  # (arguments, what the one line must say); {paths} and {tmp} are filled
      "run16/checkpoint.pt: its model does not fit this run's (size mismatch for 0.weight"),
     ([*TRAIN[:-2], "--out", "{paths}/file"], "argument --out: {paths}/file is a file, not a folder"),
     ([*TRAIN[:-2], "--out", ""], "argument --out: an empty path; name a folder"),
+    ([*TRAIN, "--arch", "cnn", "--batchnorm", "--depth", "3"],
+     "--arch cnn does not use --hidden or --depth or --batchnorm (a fixed network): it would change nothing; leave "
+     "it out"),
+    (["train", "--arch", "cnn", "--hidden", "32", "--out", "{tmp}/run"], "--arch cnn does not use --hidden (a fixed"),
+    ([*TRAIN, "--arch", "resmlp", "--batchnorm"], "--arch resmlp does not use --batchnorm (no BatchNorm)"),
+    ([*TRAIN, "--base", "adam", "--momentum", "0.9"], "--base adam does not use --momentum (it keeps its own moment "
+     "estimates); leave it out"),
+    (["bench", "--profile", "--json"], "--profile prints torch.profiler's tables of plain SGD steps: leave out --json"),
+    (["bench", "--profile", "--distributed"], "--profile prints torch.profiler's tables of plain SGD steps: leave out "
+     "--distributed"),
     ([*TRAIN, "--data-dir", " "], "argument --data-dir: an empty path; name a folder"),
     ([*TRAIN, "--init-from", ""], "argument --init-from: an empty path; name a folder"),
     (["reproduce", "--out", ""], "argument --out: an empty path; name a folder"),

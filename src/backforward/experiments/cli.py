@@ -246,6 +246,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if problem := too_big(args.width, max(args.depths), "--width", "--depths"):
         return fail(problem)
     torch.set_num_threads(args.threads)
+    if args.profile and (args.distributed or args.json):
+        return fail(f"--profile prints torch.profiler's tables of plain SGD steps: leave out "
+                    f"{'--distributed' if args.distributed else '--json'}")
     on_cuda = args.device == "cuda"
     if on_cuda:
         if args.profile or args.distributed:
@@ -306,7 +309,8 @@ def add_train(sub) -> None:
     p.add_argument("--order", choices=ORDERS, default="forward",
                    help="Backforward's stage order (reverse keeps the shift)")
     p.add_argument("--momentum", type=non_negative(float, FLOAT32_MAX), default=0.0, help="SGD momentum")
-    p.add_argument("--weight-decay", type=non_negative(float, FLOAT32_MAX), default=0.0, help="SGD weight decay")
+    p.add_argument("--weight-decay", type=non_negative(float, FLOAT32_MAX), default=0.0,
+                   help="weight decay (L2, added to the gradients) of either --base")
     p.add_argument("--schedule", choices=SCHEDULES, default="constant",
                    help="learning rate schedule (cosine decays to 0 over the run)")
     p.add_argument("--switch-epoch", type=non_negative(int), default=0, metavar="N",
@@ -321,7 +325,7 @@ def add_train(sub) -> None:
     p.add_argument("--init", choices=INITS, default="default", help="initial weights: PyTorch's default, kaiming "
                                                                      "or orthogonal")
     p.add_argument("--base", choices=BASES, default="sgd",
-                   help="base optimizer: sgd (with --momentum, --weight-decay) or adam")
+                   help="base optimizer: sgd (with --momentum) or adam; --weight-decay applies to either")
     p.add_argument("--eval-train", action="store_true", help="evaluate the training set after each epoch too")
     add_data_dir(p)
     p.add_argument("--device", type=device, default="cpu", help="torch device (cuda needs a CUDA build and a GPU)")
@@ -345,11 +349,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         return fail(str(e))
     if problem := too_big(args.hidden, args.depth, "--hidden", "--depth"):
         return fail(problem)
+    if problem := ignored_options(args):
+        return fail(problem)
     distributed = launched_by_torchrun()
     code = _train(config, args, distributed)
     if distributed:
         exit_without_shutdown(code)
     return code
+
+
+def ignored_options(args: argparse.Namespace) -> str | None:
+    """Why options given to ``train`` would have no effect, or None: a run must be what its settings say."""
+    from .train import TrainConfig
+
+    default = TrainConfig()
+    fixed = {"cnn": ("hidden", "depth", "batchnorm"), "resmlp": ("batchnorm",)}.get(args.arch, ())
+    given = [f"--{name}" for name in fixed if getattr(args, name) != getattr(default, name)]
+    if given:
+        what = "a fixed network" if args.arch == "cnn" else "no BatchNorm"
+        return f"--arch {args.arch} does not use {' or '.join(given)} ({what}): it would change nothing; leave it out"
+    if args.base == "adam" and args.momentum != default.momentum:
+        return "--base adam does not use --momentum (it keeps its own moment estimates); leave it out"
+    return None
 
 
 def _train(config, args: argparse.Namespace, distributed: bool) -> int:
