@@ -275,3 +275,22 @@ def test_ctrl_c_before_the_run_starts_does_not_suggest_resume(tmp_path, monkeypa
     monkeypatch.setattr(train_module, "load", interrupted)
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err == "backforward: interrupted before the run started\n"
+
+
+def test_on_a_terminal_each_epoch_leaves_its_line_and_an_interrupt_starts_its_own(tmp_path, monkeypatch, capsys):
+    from backforward.experiments import train as train_module
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar draws; capsys still reads what it wrote
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    epoch = read_metrics(tmp_path / "run")[0]
+    line = capsys.readouterr().err.split("\n")[-2].split("\r")[-1]  # after the cleared bar
+    assert line.startswith(f"epoch 1/1  train_loss {epoch['train_loss']:.4f}  val_acc {epoch['val_acc']:.4f}  (")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_train_step", interrupted)
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(tmp_path / "run"), "--resume"]) == 130
+    last = capsys.readouterr().err.split("\n")[-2]
+    assert last.split("\r")[-1] == ("backforward: interrupted after 1 of 2 epochs; run the same command with --resume "
+                                    "to continue")

@@ -295,36 +295,38 @@ def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.
         metering = 0.0  # seconds spent measuring ICS on SGD steps: not part of the training cost
         started = time.perf_counter()
         bar = _bar(steps_per_epoch, f"epoch {epoch}/{config.epochs}", progress and writer)
-        for step in range(steps_per_epoch):
-            if config.schedule == "cosine":
-                t = ((epoch - 1) * steps_per_epoch + step) / total_steps
-                for group in base.param_groups:
-                    group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * t))
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world].to(device)
-            xb, yb = x_train[batch], y_train[batch]
-            loss_fn.outputs = None
-            metered = config.track_ics and step % config.ics_every == 0
-            if metered and not use_backforward:
-                meter_start = time.perf_counter()
-                _collect(ics, _plain_ics(model, xb, yb, base.param_groups[0]["lr"]))
-                metering += time.perf_counter() - meter_start
-            try:
-                loss = _train_step(model, base, backforward, use_backforward, xb, yb, loss_fn, average)
-            except FloatingPointError as e:
-                raise _diverged(out, writer, epoch, step, str(e)) from None
-            if not math.isfinite(float(loss)):
-                raise _diverged(out, writer, epoch, step, f"non-finite loss {float(loss)}")
-            if metered and use_backforward:
-                _collect(ics, backforward.last_report)
-            n = len(yb)
-            sums += torch.tensor([float(loss) * n, float((loss_fn.outputs.argmax(1) == yb).sum()), n],
-                                 dtype=torch.float64)
-            cumulative_flops += (flops["fast"] if use_backforward else flops["sgd"]) * world
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}")
-        if bar is not None:
-            bar.close()
+        try:
+            for step in range(steps_per_epoch):
+                if config.schedule == "cosine":
+                    t = ((epoch - 1) * steps_per_epoch + step) / total_steps
+                    for group in base.param_groups:
+                        group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * t))
+                batch = order[step * config.batch_size:(step + 1) * config.batch_size][rank::world].to(device)
+                xb, yb = x_train[batch], y_train[batch]
+                loss_fn.outputs = None
+                metered = config.track_ics and step % config.ics_every == 0
+                if metered and not use_backforward:
+                    meter_start = time.perf_counter()
+                    _collect(ics, _plain_ics(model, xb, yb, base.param_groups[0]["lr"]))
+                    metering += time.perf_counter() - meter_start
+                try:
+                    loss = _train_step(model, base, backforward, use_backforward, xb, yb, loss_fn, average)
+                except FloatingPointError as e:
+                    raise _diverged(out, writer, epoch, step, str(e)) from None
+                if not math.isfinite(float(loss)):
+                    raise _diverged(out, writer, epoch, step, f"non-finite loss {float(loss)}")
+                if metered and use_backforward:
+                    _collect(ics, backforward.last_report)
+                n = len(yb)
+                sums += torch.tensor([float(loss) * n, float((loss_fn.outputs.argmax(1) == yb).sum()), n],
+                                     dtype=torch.float64)
+                cumulative_flops += (flops["fast"] if use_backforward else flops["sgd"]) * world
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(sums[0] / sums[2]):.4f}")
+        finally:  # cleared however the epoch ends: what is printed next (its line, or why it stopped)
+            if bar is not None:  # starts a line of its own
+                bar.close()
         seconds = time.perf_counter() - started - metering
         cumulative_seconds += seconds
         sums = launch.sum_over_ranks(sums)
@@ -344,7 +346,7 @@ def _epochs(config: TrainConfig, out: Path, model: nn.Module, base: torch.optim.
             if writer:
                 _save(out, config, model, base, [*metrics, record], rng_states)
             metrics.append(record)  # only now: a save that failed leaves the epochs saved, which status.json names
-        if progress and writer and not sys.stderr.isatty():
+        if progress and writer:  # on a terminal too: the bar is gone, and this is what the epoch gave
             print(f"epoch {epoch}/{config.epochs}  train_loss {record['train_loss']:.4f}  "
                   f"val_acc {val_acc:.4f}  ({seconds:.1f}s)", file=sys.stderr)
 
