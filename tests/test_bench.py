@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -380,3 +381,33 @@ def test_alpha_beta_model_by_hand():
     for *_, efficiency in scaling([bf, ddp]):
         assert len(efficiency) == len(PROCESSES) and all(0 < e <= 1 for e in efficiency)
         assert efficiency == sorted(efficiency, reverse=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+def test_ctrl_c_of_bench_distributed_stops_its_workers_quietly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # As at a terminal: Ctrl-C goes to every process of the foreground group, the parent and its workers alike.
+    proc = subprocess.Popen([sys.executable, "-m", "backforward.experiments", "bench", "--distributed", "--models",
+                             "mlp", "--depths", "1", "--width", "8", "--batch-size", "4", "--steps", "100000",
+                             "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def children():
+        path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        return path.read_text().split() if path.exists() else []
+
+    deadline = time.time() + 120
+    while len(children()) < 3:  # the resource tracker and the two workers
+        assert proc.poll() is None and time.time() < deadline, "bench should be running its workers"
+        time.sleep(0.1)
+    time.sleep(3)  # the workers are importing torch, or measuring
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "backforward: interrupted"

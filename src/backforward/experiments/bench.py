@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import signal
 import statistics
 import time
 import weakref
@@ -698,11 +699,24 @@ def comm_records(suite: Sequence[BenchModel], steps: int = 5, world: int = 2) ->
     with tempfile.TemporaryDirectory() as folder:
         procs = [context.Process(target=comm_worker, args=(r, world, f"{folder}/store", suite_args, steps, queue))
                  for r in range(world)]
-        for p in procs:
-            p.start()
-        rows = queue.get(timeout=3600)
-        for p in procs:
-            p.join(timeout=60)
+        # Ctrl-C reaches every process of the terminal's group: the workers inherit an ignored SIGINT (exec keeps
+        # it, and Python leaves it so), and this process stops them instead of each printing a traceback.
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        try:
+            rows = queue.get(timeout=3600)
+        except BaseException:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            raise
+        finally:
+            for p in procs:
+                p.join(timeout=60)
     return [CommRecord(**r) for r in rows]
 
 
