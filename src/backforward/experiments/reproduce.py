@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .arms import Arm, arm, longest_first, plan
-from .data import MEAN, STD, load
+from .data import EMBEDDED_SOURCE, MEAN, STD, load
 from .files import atomic_write_text, read_json
 from .report import (
     GAP,
@@ -261,7 +261,8 @@ validation accuracy) is tested beside the norm.
 def deviations(cfg: ReproduceConfig, source: str) -> str:
     rows = [
         ["data", "MNIST (60,000 training, 10,000 test digits)", source,
-         "no dataset host is reachable here; `--data-dir` runs full MNIST"],
+         "no dataset host is reachable here; `--data-dir` runs full MNIST" if source == EMBEDDED_SOURCE
+         else "none: `--data-dir` gave these files"],
         ["input normalisation", "not stated; the authors' configuration: the usual MNIST mean/std",
          f"(x/255 − {MEAN}) / {STD}", "the authors' configuration; the toy experiment adds a raw-pixel arm"],
         ["initialisation", "not stated; the authors' code: PyTorch's default", "PyTorch's default",

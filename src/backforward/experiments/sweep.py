@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import launch
-from .files import CommandError, absolute_path, folder_lock, lock_holder, read_json
+from .files import CommandError, absolute_path, folder_lock, lock_holder
 from .progress import Progress
 from .report import markdown_table
-from .train import Diverged, TrainConfig, holds_run, read_metrics, read_status, train
+from .train import Diverged, TrainConfig, holds_run, read_config, read_metrics, read_status, train
 
 FINISHED = ("done", "diverged")
 
@@ -145,7 +145,7 @@ def run_all(runs: Sequence[Run], out: Path, jobs: int, data_dir: str | None = No
 
 def _checked_metrics(p: Placed) -> list[dict]:
     """The run's metrics, after checking that its folder holds exactly the run asked for, finished."""
-    saved = TrainConfig.from_dict(read_json(p.folder / "config.json"))
+    saved = read_config(p.folder / "config.json")
     differ = saved.differences(p.config)
     if differ:
         raise CommandError(f"{p.folder}: holds a run with other settings ({'; '.join(differ)}); not mixing it "

@@ -133,6 +133,14 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def read_config(path: Path) -> TrainConfig:
+    """The settings a run folder's ``config.json`` holds; one line if it holds something else."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CommandError(f"{path}: not a run's settings (a JSON object expected, found {type(data).__name__})")
+    return TrainConfig.from_dict(data)
+
+
 class Diverged(Exception):
     """The loss became non-finite; the run stops with status ``diverged``."""
 
@@ -422,7 +430,7 @@ def finished_metrics(out: str | Path, config: TrainConfig) -> list[dict] | None:
     status = read_status(out)
     if status["status"] != "done" or status.get("epochs") != config.epochs or not (out / "config.json").exists():
         return None
-    if TrainConfig.from_dict(read_json(out / "config.json")).identity() != config.identity():
+    if read_config(out / "config.json").identity() != config.identity():
         return None
     metrics = read_metrics(out)
     return metrics if len(metrics) == config.epochs else None
@@ -444,7 +452,7 @@ def _prepare(out: Path, config: TrainConfig, resume: bool, model: nn.Module, bas
     if not holds_run(out):
         raise CommandError(f"{out}: holds no run to resume; check the path, or leave out --resume to start one")
     if config_path.exists():
-        _check_settings(TrainConfig.from_dict(read_json(config_path)), config, config_path)
+        _check_settings(read_config(config_path), config, config_path)
     if not checkpoint.exists():
         if written:
             raise CommandError(f"{checkpoint}: missing, though {metrics_path.name} holds {len(written)} epochs; "
