@@ -161,3 +161,23 @@ def test_a_killed_worker_is_one_line_naming_its_run(tmp_path):
     assert folder in started and json.loads((folder / "status.json").read_text())["status"] == "running"
     assert not any(alive(w) for w in workers)
 
+
+
+def test_every_run_gets_one_thread_whatever_jobs_so_results_do_not_depend_on_it(tmp_path, monkeypatch):
+    import torch
+
+    from backforward.experiments import sweep
+
+    threads = []
+
+    def recording_train(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "default_jobs", lambda: 4)  # a 4-core machine, 1 job: formerly 4 threads
+    monkeypatch.setattr(sweep, "train", recording_train)
+    try:
+        run_all([Run("a", TrainConfig(epochs=1, hidden=8))], tmp_path, jobs=1)
+    finally:
+        torch.set_num_threads(1)
+    assert threads == [1]

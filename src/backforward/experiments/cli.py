@@ -460,8 +460,8 @@ def add_experiment_options(p: argparse.ArgumentParser, quick_help: str) -> None:
                         "same settings)")
     add_data_dir(p)
     p.add_argument("--jobs", type=positive(int), default=default_jobs(),
-                   help="runs in parallel, each with cores/jobs torch threads (default: %(default)s, this machine's "
-                        "cores)")
+                   help="runs in parallel, each on one torch thread, so that results do not depend on it "
+                        "(default: %(default)s, this machine's cores)")
     p.set_defaults(after_interrupt="run the same command again to continue (finished runs are kept)")
 
 

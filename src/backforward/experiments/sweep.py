@@ -33,6 +33,7 @@ from .report import markdown_table
 from .train import Diverged, TrainConfig, holds_run, read_config, read_metrics, read_status, train
 
 FINISHED = ("done", "diverged")
+THREADS_PER_RUN = 1  # whatever --jobs: the same settings give the same metrics, bit for bit, on one machine
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,14 @@ def _shown(key: str, value: object) -> object:
 def run_all(runs: Sequence[Run], out: Path, jobs: int, data_dir: str | None = None, desc: str = "runs") -> Results:
     """Train what is not finished; return every run's metrics by name, checked against its settings.
 
-    ``jobs`` processes run at once, each with cores ÷ jobs torch threads, so the machine is
-    not oversubscribed. Runs that start from another (``start_from``) wait for it.
+    ``jobs`` processes run at once, each with one torch thread: the thread count changes the order
+    of float sums, so a run's metrics would otherwise depend on ``jobs``, which its identity
+    leaves out. Runs that start from another (``start_from``) wait for it.
     """
     with folder_lock(out):
         placed = place(runs, out, data_dir)
         pending = [p for p in placed if read_status(p.folder)["status"] not in FINISHED]
-        threads = max(1, default_jobs() // jobs)
+        threads = THREADS_PER_RUN
         by_name = {p.run.name: p for p in pending}
         with Progress(len(placed), desc, unit="run", initial=len(placed) - len(pending)) as bar:
             for wave in _waves([p.run for p in pending]):
