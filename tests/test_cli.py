@@ -33,6 +33,8 @@ BAD = [  # (arguments, what the one line must say); {paths} and {tmp} are filled
     (["toy", "--lr", "1e300"], "argument --lr: must be positive and at most 3.4e+38, got 1e300"),
     (["toy", "--hidden", "100000000"], "argument --hidden: must be positive and at most 65536, got 100000000"),
     (["bench", "--width", "100000000"], "argument --width: must be positive and at most 65536"),
+    (["bench", "--threads", "2147483648"], "argument --threads: must be positive and at most 1024, got 2147483648"),
+    (["bench", "--batch-size", "100000000"], "argument --batch-size: must be positive and at most 65536"),
     (["bench", "--width", "65536", "--depths", "1", "1000"],
      "--width 65536 with --depths 1000 makes 4.3e+12 weights, more than the 2.7e+08 this harness builds"),
     (["toy", "--zero-tol", "-1"], "must be positive"),

@@ -52,6 +52,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 FLOAT32_MAX = 3.4e38  # the rates and factors become float32 tensors: a larger one overflows in the first step
 WIDEST = 65536  # hidden width: a layer this wide already takes 200 MB (784 inputs); wider ones exhaust memory
 DEEPEST = 1000  # hidden layers
+MOST_THREADS = 1024  # torch starts them all at the first operation
+LARGEST_BATCH = 65536  # bench's random batches: 200 MB of MNIST-shaped inputs
 LARGEST_SEED = 2 ** 32 - 1  # batch orders are seeded with seed·100003 + epoch, which must fit 64 bits
 
 
@@ -201,7 +203,7 @@ def add_bench(sub) -> None:
     p = command(sub, "bench", "step time and memory against two cost models", "SGD, the paper's loop, and the "
                 "generic and fast engines on MNIST-shaped random batches, against a measured-cost and a FLOP model; "
                 "the met/MISS lines check the targets")
-    p.add_argument("--threads", type=positive(int), default=1,
+    p.add_argument("--threads", type=positive(int, MOST_THREADS), default=1,
                    help="torch threads (1, so that ratios measure work, not threading)")
     p.add_argument("--steps", type=positive(int), default=20,
                    help="timed steps per method (their median counts; with --device cuda, timed samples of 10 "
@@ -210,7 +212,8 @@ def add_bench(sub) -> None:
     p.add_argument("--depths", type=positive(int, DEEPEST), nargs="+", default=[1, 2, 4, 8],
                    help="hidden layers of the width --width MLPs")
     p.add_argument("--width", type=positive(int, WIDEST), default=512, help="MLP hidden width")
-    p.add_argument("--batch-size", type=positive(int), default=128, help="batch of the MLPs and the CNN")
+    p.add_argument("--batch-size", type=positive(int, LARGEST_BATCH), default=128,
+                   help="batch of the MLPs and the CNN")
     p.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="MODEL",
                    help=f"which models ({' '.join(MODELS)}); small-mlp: width 64, batch 16, depths 2 4 8; "
                         "resnet, transformer, lstm: batch 32 (default: all; with --device cuda: mlp small-mlp)")
