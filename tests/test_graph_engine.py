@@ -1392,8 +1392,8 @@ def test_a_forward_setting_plain_attributes_is_not_traced_and_counts_as_the_refe
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     twins = BesideReference(model, ["a", "b"])
     assert fallback_warnings(twins, x, y, steps=3) == [
-        "backforward: step_batch runs the generic engine on CountsItsCalls: its forward keeps state in attributes "
-        "(calls, act._runs), which passes recomputing fewer modules than a plain forward would not advance alike"]
+        "backforward: step_batch runs the generic engine on CountsItsCalls: its forward sets attributes (calls, "
+        "act._runs), which a traced graph would not set"]
     assert model.calls == model.act._runs == twins.ref.calls == 2 * 3
 
 
@@ -1435,7 +1435,8 @@ def test_state_kept_in_a_plain_tensor_attribute_runs_the_generic_engine_from_the
     twins = BesideReference(model, [f"{prefix}0", f"{prefix}2.lin", f"{prefix}4"])
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     said = fallback_warnings(twins, x, y, steps=3)
-    assert len(said) == 1 and f"its forward keeps state in attributes ({prefix}2.mean)" in said[0]
+    assert len(said) == 1 and (f"its forward keeps state in attributes ({prefix}2.mean)" if kind == "chain" else
+                               f"its forward sets attributes ({prefix}2.mean), which a traced graph") in said[0]
     assert torch.equal(chain[2].mean, twins.ref[2].mean if kind == "chain" else twins.ref.inner[2].mean)
 
 
@@ -1727,7 +1728,9 @@ def test_a_flag_switched_on_later_is_read_again(traced):
     for counter in counters:
         counter.counting = True
     said = fallback_warnings(twins, x, y)
-    assert len(said) == 1 and "keeps state in attributes" in said[0] and "counting" not in said[0]
+    assert len(said) == 1 and "counting" not in said[0]
+    assert ("sets attributes (inner.1.count), which a traced graph" if traced else "keeps state in attributes") \
+        in said[0]
     assert [c.count for c in counters] == [6, 6]  # two steps of three passes, as the reference
 
 
@@ -2020,7 +2023,7 @@ def test_tracing_leaves_no_proxy_in_a_modules_dict():
     twins = BesideReference(model, ["inner.0", "inner.2"])
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     said = fallback_warnings(twins, x, y, steps=2)
-    assert len(said) == 1 and "keeps state in attributes (inner.1.state)" in said[0]
+    assert len(said) == 1 and "its forward sets attributes (inner.1.state), which a traced graph" in said[0]
     assert type(model.inner[1].state["mean"]) is torch.Tensor
     model(x)
 
@@ -2655,3 +2658,42 @@ def test_a_forward_hook_that_backpropagates_in_step_batch_steps_exactly(order):
         engines.append(opt._engine)
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
     assert engines == ["generic", "chain", "chain"]
+
+
+class Gated(nn.Module):
+    """Keeps an auxiliary loss and the last activations in attributes (a balance term, a logged map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate, self.b = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        weights = torch.softmax(self.gate(h), dim=-1)
+        self.aux = (weights.mean(0) ** 2).sum()
+        self.last = h.detach()
+        return self.b(h * weights)
+
+
+def test_a_forward_setting_attributes_the_loss_reads_is_not_traced():
+    """A traced graph records calls, not assignments: the loss would read the auxiliary term of the step before.
+    Refused; the generic engine sets them as the reference does (the last pass's)."""
+    torch.manual_seed(0)
+    model = Gated()
+    twins = BesideReference(model, ["a", "gate", "b"])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    said = []
+    for t in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(t)
+            reference_step(twins.ref, twins.ref_opt, twins.ref_stages,
+                           lambda: backward(F.cross_entropy(twins.ref(x), y) + 0.1 * twins.ref.aux))
+            torch.manual_seed(t)
+            twins.bf.step_batch(x, y, lambda out, target: F.cross_entropy(out, target) + 0.1 * model.aux)
+        said += [str(w.message) for w in caught]
+        assert_same_params(model, twins.ref)
+        assert torch.equal(model.last, twins.ref.last)
+    assert twins.bf._engine == "generic"
+    assert said == ["backforward: step_batch runs the generic engine on Gated: its forward sets attributes "
+                    "(aux, last), which a traced graph would not set"]

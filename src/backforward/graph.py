@@ -151,9 +151,7 @@ class _Reading:
         """The attributes the forwards so far changed that one more ``forward()``, from the same random numbers
         and buffers, changes again (an attribute each call sets anew from its inputs, parameters and buffers, as
         legacy ``spectral_norm``'s weight, keeps no state)."""
-        changed = [(name, m, key) for name, (m, before) in self.attributes.items()
-                   for key in dict.fromkeys([*_own_attributes(m), *before])  # in the module's order
-                   if not _unchanged(getattr(m, key, _ABSENT), before.get(key))]
+        changed = self._changed()
         moved = [f"{name} (a parameter, changed in place)" for name, _, _ in self._moved()]
         if not changed:
             return moved
@@ -165,6 +163,15 @@ class _Reading:
             return moved + [f"{name}.{key}" if name else key for name, m, key in changed]
         return moved + [f"{name}.{key}" if name else key for name, m, key in changed
                         if not _alike(getattr(m, key, _ABSENT), first[(name, key)])]
+
+    def written(self) -> list[str]:
+        """The attributes the forwards so far set (rebound, changed inside, added or deleted)."""
+        return [f"{name}.{key}" if name else key for name, _, key in self._changed()]
+
+    def _changed(self) -> list[tuple[str, nn.Module, str]]:
+        return [(name, m, key) for name, (m, before) in self.attributes.items()
+                for key in dict.fromkeys([*_own_attributes(m), *before])  # in the module's order
+                if not _unchanged(getattr(m, key, _ABSENT), before.get(key))]
 
     def _moved(self) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
         """The parameters a forward changed in place (name, parameter, value before)."""
@@ -348,6 +355,9 @@ def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
             raise Refusal(f"torch.fx cannot trace it: {_first_line(e)}") from None
         drew = not torch.equal(reading.rng[0], torch.get_rng_state())
         moved = reading.buffers.changed()
+        written = reading.written()
+    if written:  # fx records calls, not attribute assignments: the attributes would keep their values
+        raise Refusal(f"its forward sets attributes ({', '.join(written)}), which a traced graph would not set")
     if drew:
         raise Refusal("its forward draws random numbers from no tensor input, which tracing would fix at one value")
     if moved:
