@@ -418,3 +418,17 @@ def test_a_step_returns_the_loss_at_the_point_it_started_from(entry):
         with torch.no_grad():
             for p, q in zip(twin.parameters(), model.parameters(), strict=True):
                 p.copy_(q)
+
+
+def test_a_layer_replaced_without_telling_the_optimizer_is_refused_before_anything_moves():
+    model, _, x, y = make("mlp3")
+    opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.step_batch(x, y, F.cross_entropy)
+    model[4] = nn.Linear(5, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in (lambda: opt.step_batch(x, y, F.cross_entropy),
+                 lambda: opt.step(lambda: _backward(F.cross_entropy(model(x), y)))):
+        with pytest.raises(ValueError, match=r"optimizer parameter #4 \(shape \(3, 5\)\) is not a parameter of the"):
+            step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        assert all(p.grad is None for p in model[4].parameters())

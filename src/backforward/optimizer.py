@@ -337,9 +337,11 @@ class Backforward(torch.optim.Optimizer):
             self._plan.engines = {key: e for key, e in self._plan.engines.items() if e.graph is not graph}
 
     def _current_plan(self) -> _Plan:
-        """The stages of the parameters held now that require grad; found again when that set changes."""
+        """The stages of the parameters held now that require grad; found again when that set changes, or the
+        model's parameters do (a layer replaced: the optimizer may hold parameters the model no longer has)."""
         groups = self.base_optimizer.param_groups
-        key = tuple(tuple(id(p) for p in g["params"] if p.requires_grad) for g in groups)
+        key = (tuple(tuple(id(p) for p in g["params"] if p.requires_grad) for g in groups),
+               tuple(map(id, self.model.parameters())))
         if self._plan is None or self._plan.key != key:
             self._check_held(groups, trainable_only=True)  # groups added to the base optimizer itself come here first
             trainable = [p for g in groups for p in g["params"] if p.requires_grad]
