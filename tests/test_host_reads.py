@@ -112,7 +112,7 @@ def test_a_step_captured_for_a_cuda_graph_reads_nothing_on_the_host_and_keeps_no
 
     base.register_step_post_hook(count)
     opt = Backforward(model, base, stages=[model[0], model[2], model[4]])  # the order is known: the chain runs
-    opt._graph(x)  # the model is read before (CapturedStep's warm-up steps read it)
+    opt._graph(x, list(model.modules()))  # the model is read before (CapturedStep's warm-up steps read it)
     with HostReads() as reads:
         opt._run_batch(x, y, F.cross_entropy, capturing=True)
     assert opt._engine == "chain" and reads.calls == []

@@ -183,8 +183,9 @@ class Backforward(torch.optim.Optimizer):
         if isinstance(closure, _Batch):
             return self._run_batch(closure.inputs, closure.targets, closure.loss_fn).losses[0]
         self._engine = "generic"
-        plan = self._current_plan()
-        loss = self._run(plan, closure_pass(closure), follow_graph=True).losses[0]
+        modules = list(self.model.modules())  # walked once per step: the plan's key, the buffers to replay
+        plan = self._current_plan(modules)
+        loss = self._run(plan, closure_pass(closure), modules, follow_graph=True).losses[0]
         plan.order_read_with = None  # an order this closure's forward gave: step_batch reads its own again
         return loss
 
@@ -212,24 +213,25 @@ class Backforward(torch.optim.Optimizer):
 
     def _run_batch(self, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], torch.Tensor], *,
                    keep: bool = True, capturing: bool = False) -> StepResult:
-        plan = self._current_plan()
+        modules = list(self.model.modules())  # walked once per step: the plan's and graph's keys, the buffers
+        plan = self._current_plan(modules)
         tensors = _tensors(inputs)
-        fast = self._fast(plan, inputs, tensors)
+        fast = self._fast(plan, inputs, tensors, modules)
         run_pass = (fast.make_pass(inputs, targets, loss_fn) if fast is not None
                     else batch_pass(self.model, inputs, targets, loss_fn))
         self._engine = fast.kind if fast is not None else "generic"
         try:
-            result = self._run(plan, run_pass, follow_graph=fast is None, keep=keep, capturing=capturing,
+            result = self._run(plan, run_pass, modules, follow_graph=fast is None, keep=keep, capturing=capturing,
                                inputs=tensors)
         except OrderChanged:  # undone before any stage moved: the generic engine runs it again, reading the order
             self._engine = "generic"
-            result = self._run(plan, batch_pass(self.model, inputs, targets, loss_fn), follow_graph=True, keep=keep,
-                               capturing=capturing, inputs=tensors)
+            result = self._run(plan, batch_pass(self.model, inputs, targets, loss_fn), modules, follow_graph=True,
+                               keep=keep, capturing=capturing, inputs=tensors)
         if tensors and not capturing:
             plan.inputs_modified = result.inputs_modified or (plan.inputs_modified is True)
         return result
 
-    def _run(self, plan: _Plan, run_pass: RunPass, follow_graph: bool, *, keep: bool = True,
+    def _run(self, plan: _Plan, run_pass: RunPass, modules: list[nn.Module], follow_graph: bool, *, keep: bool = True,
              capturing: bool = False, inputs: Sequence[torch.Tensor] = ()) -> StepResult:
         """One step (``keep=False``: undone afterwards); ``capturing``: inside a CUDA graph capture, nothing may
         read the host, so no rollback copy, finiteness check or group-level state replay (``cuda_graphs``)."""
@@ -242,7 +244,7 @@ class Backforward(torch.optim.Optimizer):
             stages=list(plan.stages), parameters=plan.parameters,
             # Named stages follow this step's data flow, read from its first pass (a fast pass: known, checked).
             order=None if self._named_stages and follow_graph else (forward[::-1] if reverse else forward),
-            reverse=reverse, update=plan.update, modules=list(self.model.modules()), unheld=plan.unheld,
+            reverse=reverse, update=plan.update, modules=modules, unheld=plan.unheld,
             optimizer=None if capturing else self.base_optimizer, start_grads={} if self.track_ics else None,
             reduce=reduce, grad_scaler=scaler, scaler_views=plan.scaler_views,
             scaler_before=self._others_scaled(scaler),
@@ -286,7 +288,8 @@ class Backforward(torch.optim.Optimizer):
         ours = (id(self), id(self.base_optimizer))
         return {key: stage for key, stage in scaler_stages(scaler).items() if key not in ours}
 
-    def _fast(self, plan: _Plan, inputs: Any, tensors: Sequence[torch.Tensor]) -> GraphEngine | None:
+    def _fast(self, plan: _Plan, inputs: Any, tensors: Sequence[torch.Tensor],
+              modules: list[nn.Module]) -> GraphEngine | None:
         """The fast engine for this plan and order, once the forward order is known and the model reads as a graph.
 
         Not for an input that requires grad (every pass's backward reaches it in the definition), not on
@@ -294,7 +297,7 @@ class Backforward(torch.optim.Optimizer):
         named stages, not on the first after a ``step(closure)`` (its closure's forward gave the order): the
         generic engine runs those, reading the order.
         """
-        graph = self._graph(inputs) if not any(t.requires_grad for t in tensors) else None
+        graph = self._graph(inputs, modules) if not any(t.requires_grad for t in tensors) else None
         known = plan.ordered and graph is not None and (
             plan.order_read_with is graph or (graph.kind == "chain" and not self._named_stages))
         plan.order_read_with = graph
@@ -308,7 +311,7 @@ class Backforward(torch.optim.Optimizer):
             engine = plan.engines[key] = GraphEngine(graph, plan.stages, order)
         return engine
 
-    def _graph(self, inputs: Any) -> ModelGraph | None:
+    def _graph(self, inputs: Any, modules: list[nn.Module]) -> ModelGraph | None:
         """The model as a graph of calls (traced again when a module's mode, plain attributes, hooks or buffers
         change: a buffer registered or set in a first forward, say); None, said once, where it cannot be read."""
         model = self.model
@@ -318,7 +321,7 @@ class Backforward(torch.optim.Optimizer):
         chain = plain_sequential(model)
         key = (hooked, tuple((id(m), settings_of(m, chain=chain), bool(m._forward_hooks or m._forward_pre_hooks),
                               tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # set by a forward
-                             for m in model.modules()))
+                             for m in modules))
         if key not in self._graphs:
             if len(self._graphs) >= _GRAPHS_KEPT:  # settings that change every step (a rate a user anneals)
                 self._forget(self._graphs.pop(next(iter(self._graphs))))
@@ -336,12 +339,12 @@ class Backforward(torch.optim.Optimizer):
         if graph is not None and self._plan is not None:
             self._plan.engines = {key: e for key, e in self._plan.engines.items() if e.graph is not graph}
 
-    def _current_plan(self) -> _Plan:
+    def _current_plan(self, modules: list[nn.Module] | None = None) -> _Plan:
         """The stages of the parameters held now that require grad; found again when that set changes, or the
         model's parameters do (a layer replaced: the optimizer may hold parameters the model no longer has)."""
         groups = self.base_optimizer.param_groups
         key = (tuple(tuple(id(p) for p in g["params"] if p.requires_grad) for g in groups),
-               tuple(map(id, self.model.parameters())))
+               tuple(id(p) for m in modules or self.model.modules() for p in m._parameters.values()))
         if self._plan is None or self._plan.key != key:
             self._check_held(groups, trainable_only=True)  # groups added to the base optimizer itself come here first
             trainable = [p for g in groups for p in g["params"] if p.requires_grad]
