@@ -23,7 +23,8 @@ def reference_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     order; finding them is not part of the definition. ``closure`` computes the loss, calls
     ``backward()`` and returns the loss.
 
-    - Every pass sees the random numbers and buffers the step started with, and the base
+    - Every pass sees the random numbers and buffers the step started with (None ones, and none a forward
+      registers), with weights autocast casts anew (a step run inside autocast), and the base
       optimizer's step the group-level entries it set itself (schedule-free step counts)
       as before its first call; afterwards all are as after the first pass.
     - In pass k the base optimizer steps over stage k's parameters alone, with the gradient
