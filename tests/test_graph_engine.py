@@ -3,11 +3,14 @@
 Exactness on the models researchers train is in test_awkward_models.py (every case that traces runs there).
 """
 
+import array
 import collections
 import contextlib
 import copy
 import dataclasses
+import decimal
 import enum
+import fractions
 import gc
 import operator
 import types
@@ -22,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from backforward import Backforward, reference_step
-from backforward.graph import Refusal, model_graph, recompute_sets
+from backforward.graph import Refusal, model_graph, recompute_sets, settings_of
 from backforward.stages import Stage
 
 F = nn.functional
@@ -2697,3 +2700,107 @@ def test_a_forward_setting_attributes_the_loss_reads_is_not_traced():
     assert twins.bf._engine == "generic"
     assert said == ["backforward: step_batch runs the generic engine on Gated: its forward sets attributes "
                     "(aux, last), which a traced graph would not set"]
+
+
+class Holder(nn.Module):
+    """A module holding one attribute ``a``: what its settings see of it."""
+
+
+class StringSlot:
+    __slots__ = "scale"
+
+    def __init__(self):
+        self.scale = 1.0
+
+
+class TwoSlots:
+    __slots__ = ("_cache", "rate", "scale")
+
+    def __init__(self):
+        self.scale, self._cache = 1.0, 0  # rate left unset
+
+
+SETTING_CHANGES = {  # name: (value, change, whether the module's settings see the change)
+    "numpy, 64 values, one changed": (lambda: np.zeros(64), lambda h: h.a.__setitem__(0, 1), True),
+    "numpy, 65 values, one changed": (lambda: np.zeros(65), lambda h: h.a.__setitem__(0, 1), False),
+    "numpy, 65 values, rebound": (lambda: np.zeros(65), lambda h: setattr(h, "a", np.zeros(65)), True),
+    "numpy, another dtype": (lambda: np.zeros(1, np.int32), lambda h: setattr(h, "a", np.zeros(1, np.float32)),
+                             True),
+    "numpy, a scalar for an array": (lambda: np.float32(0), lambda h: setattr(h, "a", np.zeros((), np.float32)),
+                                     True),
+    "array.array, not a setting": (lambda: array.array("i", [1]), lambda h: h.a.__setitem__(0, 2), False),
+    "fraction": (lambda: fractions.Fraction(1, 3), lambda h: setattr(h, "a", fractions.Fraction(1, 2)), True),
+    "decimal": (lambda: decimal.Decimal("0.1"), lambda h: setattr(h, "a", decimal.Decimal("0.2")), True),
+    "slice": (lambda: slice(0, 3), lambda h: setattr(h, "a", slice(0, 4)), True),
+    "three levels down": (lambda: [[[1]]], lambda h: h.a[0][0].__setitem__(0, 2), True),
+    "four levels down": (lambda: [[[[1]]]], lambda h: h.a[0][0][0].__setitem__(0, 2), False),
+    "64 items, one changed": (lambda: list(range(64)), lambda h: h.a.__setitem__(0, -1), True),
+    "65 items, one changed": (lambda: list(range(65)), lambda h: h.a.__setitem__(0, -1), False),
+    "65 items, rebound": (lambda: list(range(65)), lambda h: setattr(h, "a", list(range(65))), True),
+    "a set": (lambda: {1, 2}, lambda h: setattr(h, "a", {1, 3}), True),
+    "a frozenset for a set": (lambda: {1, 2}, lambda h: setattr(h, "a", frozenset({1, 2})), True),
+    "a tuple for a list": (lambda: [1, 2], lambda h: setattr(h, "a", (1, 2)), True),
+    "a namespace's private": (lambda: types.SimpleNamespace(x=1, _cache=1), lambda h: setattr(h.a, "_cache", 2),
+                              False),
+    "a slot named by a string": (StringSlot, lambda h: setattr(h.a, "scale", 2.0), True),
+    "a slot, another unset": (TwoSlots, lambda h: setattr(h.a, "scale", 2.0), True),
+    "a private slot": (TwoSlots, lambda h: setattr(h.a, "_cache", 1), False),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTING_CHANGES))
+def test_what_a_modules_settings_see_of_a_change(name):
+    """Worked out from the rule: numbers and small containers by value (three levels down, 64 across), larger
+    ones by identity, private attributes and what is no setting not at all."""
+    make, change, seen = SETTING_CHANGES[name]
+    holder = Holder()
+    holder.a = make()
+    before = settings_of(holder, chain=False)
+    change(holder)
+    assert (settings_of(holder, chain=False) != before) == seen
+
+
+class RegistersScratch(nn.Module):
+    """Registers a non-persistent buffer on its first call."""
+
+    def forward(self, x):
+        if "scratch" not in self._buffers:
+            self.register_buffer("scratch", x.detach().mean(0), persistent=False)
+        return x - self.scratch
+
+
+def test_reading_a_model_leaves_no_buffer_its_forward_registers():
+    model = nn.Sequential(nn.Linear(4, 4), RegistersScratch(), nn.Linear(4, 3))
+    model_graph(model, torch.randn(5, 4))
+    assert dict(model[1]._buffers) == {} and model[1]._non_persistent_buffers_set == set()
+
+
+def test_a_hook_added_later_to_the_root_has_the_model_read_again_and_refused():
+    """A chain calls its children: a hook on the root would not fire; read again, it is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    twins = BesideReference(model, ["0", "2"])
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    for t in range(3):
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "chain"
+    for m in (model, twins.ref):
+        m.register_forward_hook(lambda module, args, out: out * 2)
+    said = fallback_warnings(twins, x, y)
+    assert len(said) == 1 and "the model has forward hooks" in said[0]
+
+
+def test_graphs_let_go_take_their_engines_with_them():
+    """Explicit stages on a chain: each new graph gets its engine at once; a rate changed every step reads the
+    model every step; the engines kept are those of the graphs kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Scales(), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=[model[0], model[3]])
+    for t in range(12):
+        model[1].rate = 1.0 + 0.01 * t
+        bf.step_batch(x, y, F.cross_entropy)
+        assert bf._engine == "chain"
+    kept = [g for g in bf._graphs.values()]
+    assert len(kept) == 8 and {id(e.graph) for e in bf._plan.engines.values()} <= {id(g) for g in kept}
+    assert len(bf._plan.engines) == 8

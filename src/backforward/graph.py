@@ -139,8 +139,8 @@ class _Reading:
         self.rng, self.buffers = rng_snapshot(), BufferValues(list(self.model.modules()))
         self.grads = [(p, p.grad) for p in self.model.parameters()]
         self.parameters = [(name, p, p.detach().clone()) for name, p in self.model.named_parameters()]
-        # Buffers registered (or a None one set) by the forward: tracing would leave a proxy there.
-        self.registered = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in self.model.modules()]
+        # Names of buffers a forward registers as non-persistent (the buffers themselves: BufferValues).
+        self.non_persistent = [(m, set(m._non_persistent_buffers_set)) for m in self.model.modules()]
         self.attributes = {name: (m, {key: _held(value) for key, value in _own_attributes(m).items()})
                            for name, m in self.model.named_modules()}
         for p, _ in self.grads:
@@ -184,10 +184,8 @@ class _Reading:
 
     def __exit__(self, *exc: object) -> None:
         self.put_back()
-        for m, buffers, non_persistent in self.registered:
-            if not _same_members(m._buffers, buffers):
-                m._buffers.clear()
-                m._buffers.update(buffers)
+        for m, non_persistent in self.non_persistent:  # the buffers themselves: put back above (BufferValues)
+            if m._non_persistent_buffers_set != non_persistent:
                 m._non_persistent_buffers_set.clear()
                 m._non_persistent_buffers_set.update(non_persistent)
         for p, g in self.grads:
