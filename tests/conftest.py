@@ -55,6 +55,18 @@ class Traced(nn.Module):
         return self.inner(x)
 
 
+class Routed(nn.Module):
+    """Sends a batch of positive sum through ``first``, any other through ``second``: a module whose stages' data
+    flow depends on the batch (a router)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.first, self.second = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return self.first(x) if x.sum() > 0 else self.second(x)
+
+
 def linear_stages(model: nn.Module) -> list[list[nn.Parameter]]:
     """Stages written out by hand: each Linear/Conv/BatchNorm in the order the forward pass calls it."""
     return [list(m.parameters(recurse=False)) for m in model.modules()

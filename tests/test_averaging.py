@@ -12,6 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import Routed
 from torch import nn
 
 from backforward import Backforward, distributed, reference_step
@@ -313,23 +314,12 @@ def test_averaging_leaves_the_loss_tensors_the_closure_returned_alone(monkeypatc
     assert opt.last_losses == pytest.approx([0.5 * float(t.detach()) for t in returned], rel=1e-12)
 
 
-class SignRouted(nn.Module):
-    """Sends a batch of positive mean through ``a``, any other through ``b``."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
-
-    def forward(self, x):
-        return self.a(x) if x.mean() > 0 else self.b(x)
-
-
 def test_across_processes_the_fast_engine_keeps_the_order_every_rank_read(monkeypatch):
     """Read alike on both ranks, the order is kept when one rank's batch would order the stages otherwise: run
     again alone, that rank would meet the other's all-reduces with another stage's gradients (README: such a
     model needs explicit stages)."""
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(route=SignRouted(), act=nn.Tanh(), head=nn.Linear(6, 3)))
+    model = nn.Sequential(OrderedDict(route=Routed(4, 6), act=nn.Tanh(), head=nn.Linear(6, 3)))
     x, y = torch.randn(12, 4).abs(), torch.randint(0, 3, (12,))
     group = ThreadGroup(2)
     group.install(monkeypatch)
@@ -343,4 +333,4 @@ def test_across_processes_the_fast_engine_keeps_the_order_every_rank_read(monkey
         return bf.stage_names, bf._engine
 
     results = group.run(work)
-    assert results == [(["route.a", "head", "route.b"], "chain")] * 2
+    assert results == [(["route.first", "head", "route.second"], "chain")] * 2

@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import Traced, activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
+from conftest import Routed, Traced, activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1921,17 +1921,6 @@ class TwoHeads(nn.Module):
         return self.c(h), self.c(torch.tanh(self.b(h)))
 
 
-class EitherWay(nn.Module):
-    """Routes a batch through one of two layers by its sign: a chain child whose stages' data flow varies."""
-
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 6)
-
-    def forward(self, x):
-        return self.first(x) if x.sum() > 0 else self.second(x)
-
-
 def pick_output(out, y):
     return F.cross_entropy(out[int(y[0])], y)
 
@@ -1943,7 +1932,7 @@ def test_a_batch_whose_data_flow_orders_the_stages_otherwise_is_run_in_its_order
     again by the generic engine where the fast engine's plan had another; batches in the planned order run fast.
     A batch the model changes in place (dropout first) is put back for the run again."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Dropout(0.3, inplace=True)] * inplace, EitherWay(), nn.Tanh(), nn.Linear(6, 3)) \
+    model = nn.Sequential(*[nn.Dropout(0.3, inplace=True)] * inplace, Routed(6, 6), nn.Tanh(), nn.Linear(6, 3)) \
         if chain else TwoHeads()
     loss_fn = F.cross_entropy if chain else pick_output
     ref = copy.deepcopy(model)
