@@ -160,13 +160,15 @@ class _Reading:
         try:
             forward()
         except Exception:  # noqa: BLE001 - a forward that fails when its state has advanced: state, all of it
-            return moved + [f"{name}.{key}" if name else key for name, m, key in changed]
-        return moved + [f"{name}.{key}" if name else key for name, m, key in changed
-                        if not _alike(getattr(m, key, _ABSENT), first[(name, key)])]
+            again = changed
+        else:
+            again = [(name, m, key) for name, m, key in changed
+                     if not _alike(getattr(m, key, _ABSENT), first[(name, key)])]
+        return moved + [_dotted(name, key) for name, _, key in again]
 
     def written(self) -> list[str]:
         """The attributes the forwards so far set (rebound, changed inside, added or deleted)."""
-        return [f"{name}.{key}" if name else key for name, _, key in self._changed()]
+        return [_dotted(name, key) for name, _, key in self._changed()]
 
     def _changed(self) -> list[tuple[str, nn.Module, str]]:
         return [(name, m, key) for name, (m, before) in self.attributes.items()
@@ -199,6 +201,10 @@ class _Reading:
             for key, held in before.items():
                 attributes[key] = held.value
                 held.put_back()
+
+
+def _dotted(module_name: str, key: str) -> str:
+    return f"{module_name}.{key}" if module_name else key
 
 
 _ABSENT = object()
