@@ -172,6 +172,51 @@ def checkpoint_case(reentrant: bool) -> Case:
     return case
 
 
+def checkpoint_batchnorm() -> Case:
+    """A non-reentrant checkpoint around BatchNorm and dropout: its recomputation in the backward draws the same
+    mask and updates the running statistics again."""
+    model = Checkpointed(False)
+    model.block = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.Tanh(), nn.Linear(6, 6))
+    return Case(model.double(), batches(3, (4,)),
+                lambda m, t: [own(m.l1), own(m.block[0]), own(m.block[1]), own(m.block[4]), own(m.head)])
+
+
+class CausalAttention(nn.Module):
+    """A GPT block as tutorials write it: the causal mask and the positions made in the forward from the
+    sequence length, attention dropout, a straight-through rounding (a custom autograd Function)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.embed, self.position = nn.Linear(3, width), nn.Embedding(8, width)
+        self.qkv, self.proj, self.head = nn.Linear(width, 3 * width), nn.Linear(width, width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        _, t, width = x.shape[0], x.shape[1], self.proj.in_features
+        h = self.embed(x) + self.position(torch.arange(t, device=x.device))
+        q, k, v = self.qkv(h).split(width, dim=2)
+        mask = torch.tril(torch.ones(t, t, device=x.device, dtype=torch.bool))
+        attention = (q @ k.transpose(-2, -1) / width ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        h = h + self.proj(F.dropout(attention, 0.2, self.training) @ v)
+        return self.head(RoundedThrough.apply(h, 8.0).mean(1))
+
+
+class RoundedThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, steps):
+        return torch.round(h * steps) / steps
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def causal_attention() -> Case:
+    torch.manual_seed(0)
+    data = [(x.view(6, 5, 3), y) for x, y in batches(3, (15,))]
+    return Case(CausalAttention().double(), data,
+                lambda m, t: [own(m.embed), own(m.position), own(m.qkv), own(m.proj), own(m.head)])
+
+
 class ReentrantBlock(nn.Module):
     """A child of a chain that checkpoints itself reentrantly: its parameters are not in the outer graph."""
 
@@ -410,7 +455,8 @@ CASES = {
     "tied_sequential_explicit": tied_sequential_explicit, "tied": tied,
     "tied_explicit": tied_explicit, "unused": unused, "branch": branch,
     "checkpoint_reentrant": lambda: checkpoint_case(True), "checkpoint": lambda: checkpoint_case(False),
-    "checkpoint_in_chain": checkpoint_in_chain,
+    "checkpoint_in_chain": checkpoint_in_chain, "checkpoint_batchnorm": checkpoint_batchnorm,
+    "causal_attention": causal_attention,
     "transformer_train": transformer_train, "transformer_eval_masked": transformer_eval_masked,
     "recurrent": recurrent, "recurrent_sequential": recurrent_sequential, "logit_scale": logit_scale,
     "attention": attention, "batchnorm": batchnorm,
@@ -418,7 +464,7 @@ CASES = {
     "dropout": dropout_mlp, "residual": residual, "resnet": resnet, "resnet_finetune": resnet_finetune,
     "digit_transformer": digit_transformer, "lstm_classifier": lstm_classifier,
 }
-UNTRACEABLE = {"branch": "control flow", "checkpoint": "checkpointing", "checkpoint_reentrant": "checkpointing",
+UNTRACEABLE = {"branch": "control flow", "checkpoint_reentrant": "checkpointing",
                "checkpoint_in_chain": "checkpointing"}
 
 

@@ -127,7 +127,7 @@ def test_every_case_that_traces_runs_on_the_graph_engine_and_equals_reference(na
         assert engine._engine == "graph" and not said, said
 
 
-@pytest.mark.parametrize("name", ["resnet", "digit_transformer", "residual", "tied", "dropout"])
+@pytest.mark.parametrize("name", ["resnet", "digit_transformer", "residual", "tied", "dropout", "causal_attention"])
 def test_graph_engine_equals_reference_in_reverse_order(name):
     run(CASES[name](), "traced", "adam", order="reverse")
 

@@ -11,6 +11,7 @@ import dataclasses
 import decimal
 import enum
 import fractions
+import functools
 import gc
 import operator
 import types
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Routed, Traced, activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
+from torch import full as full_of  # a factory imported by name (CausalSelfAttention)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -30,6 +32,8 @@ from backforward.stages import Stage
 
 F = nn.functional
 CALLS: list[str] = []
+ONES = torch.ones
+APPLY = vars(torch.autograd.Function)["apply"].__func__
 
 
 class Counted(nn.Linear):
@@ -1115,24 +1119,172 @@ def test_kept_values_are_fed_back_with_their_requires_grad_flag():
 
 
 class Checkpointed(nn.Module):
+    """A block checkpointed without reentrance (dropout inside: its recomputation in the backward draws the same
+    mask); ``how`` passes it as a module, a bound method, a lambda or a partial."""
+
+    def __init__(self, how: str = "module", reentrant: bool = False):
+        super().__init__()
+        self.how, self.reentrant = how, reentrant
+        self.pre = nn.Linear(4, 4)  # the checkpoint's input requires grad, as a reentrant one needs
+        self.a, self.b = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.3)), nn.Linear(6, 3)
+
+    def block(self, t, scale=1.0):
+        return torch.tanh(self.a(t)) * scale
+
+    def forward(self, x):
+        fn = {"module": self.a, "method": self.block, "lambda": lambda t: self.block(t),
+              "partial": functools.partial(self.block, scale=2.0)}[self.how]
+        return self.b(checkpoint(fn, self.pre(x), use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("how", ["module", "method", "lambda", "partial"])
+def test_a_forward_checkpointed_without_reentrance_runs_on_the_graph_engine(how):
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(Checkpointed(how), ["pre", "a", "b"]), x, y)
+
+
+class HoldsATracedValue(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
+        h = self.a(x)
+        return self.b(checkpoint(lambda t: torch.tanh(t + h), h, use_reentrant=False))  # h: traced, held
 
 
-def test_a_checkpointed_forward_is_refused_saying_why():
+class CallableBlock:
+    """A callable object for checkpoint: what it holds is not looked into, so it is refused."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, t):
+        return torch.tanh(self.module(t))
+
+
+class ChecksACallable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(checkpoint(CallableBlock(self.a), x, use_reentrant=False))
+
+
+CHECKPOINT_REFUSED = ("its forward changes grad mode, autocast or saved-tensor hooks inside (torch.no_grad, "
+                      "torch.autocast, checkpointing), which tracing would drop")
+
+
+@pytest.mark.parametrize("make", [HoldsATracedValue, ChecksACallable])
+def test_a_checkpoint_whose_function_holds_a_traced_value_or_is_another_callable_is_refused_saying_why(make):
     torch.manual_seed(0)
-    model = Checkpointed()
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    assert fallback_warnings(BesideReference(make(), ["a", "b"]), x, y) == [
+        f"backforward: step_batch runs the generic engine on {make.__name__}: {CHECKPOINT_REFUSED}"]
+
+
+class FailsAfterAFactory(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x) + full_of((x.shape[0], 6), 1.0) + torch.ones(6, device=x.device)
+        h = checkpoint(self.b, h, use_reentrant=False)
+        h = StraightThrough.apply(h, 2.0)
+        if h.sum() > 0:  # fx cannot trace this: tracing stops here
+            h = -h
+        return h
+
+
+def test_tracing_that_fails_after_calls_it_recorded_whole_leaves_them_as_they_were():
+    torch.manual_seed(0)
+    checkpoint_before = torch.utils.checkpoint.checkpoint
+    with pytest.raises(Refusal, match="cannot trace"):
+        model_graph(FailsAfterAFactory(), torch.randn(5, 4))
+    assert torch.ones is ONES and full_of is torch.full and checkpoint is checkpoint_before
+    assert torch.utils.checkpoint.checkpoint is checkpoint_before
+    assert vars(torch.autograd.Function)["apply"].__func__ is APPLY
+
+
+def test_a_reentrant_checkpoint_is_refused_saying_why():
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=True)
+    stages = [list(model.pre.parameters()), list(model.a.parameters()), list(model.b.parameters())]
+    ref, ref_stages = clone(model, stages)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=stages)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bf.step_batch(torch.randn(5, 4), torch.randint(0, 3, (5,)), F.cross_entropy)
-    assert [str(w.message) for w in caught] == [
-        "backforward: step_batch runs the generic engine on Checkpointed: its forward changes grad mode, autocast or "
-        "saved-tensor hooks inside (torch.no_grad, torch.autocast, checkpointing), which tracing would drop"]
+        for t in range(2):
+            torch.manual_seed(t)
+            reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
+            torch.manual_seed(t)
+            bf.step_batch(x, y, F.cross_entropy)
+            assert_same_params(model, ref)
+    assert bf._engine == "generic"
+    assert [str(w.message) for w in caught if "backforward" in str(w.message)] == [
+        f"backforward: step_batch runs the generic engine on Checkpointed: {CHECKPOINT_REFUSED}"]
+
+
+class CausalSelfAttention(nn.Module):
+    """A GPT block as tutorials write it: the causal mask and the positions made in the forward from the
+    sequence length (``torch.ones``, ``torch.arange``, and a factory imported by name), attention dropout."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.emb, self.pos = nn.Linear(3, d), nn.Embedding(16, d)
+        self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        _, t, c = x.shape
+        h = self.emb(x) + self.pos(torch.arange(t, device=x.device))
+        q, k, v = self.qkv(h).split(h.shape[-1], dim=2)
+        mask = torch.tril(torch.ones(t, t, device=x.device))
+        att = (q @ k.transpose(-2, -1)).masked_fill(mask == 0, float("-inf")).softmax(-1)
+        att = F.dropout(att + full_of((t, t), 0.0, dtype=x.dtype), 0.2)
+        return self.head(h + self.proj(att @ v)).mean(1) + c * 0
+
+
+def test_factories_given_the_traced_sequence_length_run_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 4, (4,))
+    twins = BesideReference(CausalSelfAttention(), ["emb", "pos", "qkv", "proj", "head"])
+    steps_on_the_graph_engine(twins, x, y)
+    ops = [op.name for op in twins.bf._graphs[next(iter(twins.bf._graphs))].ops]
+    assert {"ones", "arange", "full"} <= set(ops), ops  # each recorded as one call
+    assert torch.ones is ONES and full_of is torch.full  # put back after tracing
+
+
+class StraightThrough(torch.autograd.Function):
+    """Rounds, passing the gradient through unchanged (a quantiser's estimator)."""
+
+    @staticmethod
+    def forward(ctx, h, scale):
+        return torch.round(h * scale) / scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class Quantised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(StraightThrough.apply(torch.tanh(self.a(x)), 4.0))
+
+
+def test_a_custom_autograd_function_in_the_forward_runs_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(Quantised(), ["a", "b"]), x, y)
+    assert vars(torch.autograd.Function)["apply"].__func__ is APPLY  # put back after tracing
 
 
 # ---- found by the second mutation run ----
@@ -1296,15 +1448,13 @@ def test_a_parameter_used_again_later_is_ordered_by_its_first_use(entry):
     assert twins.bf.stage_names == ["a", "q", "head"]
 
 
-def test_a_checkpointed_forward_is_refused_inside_the_users_own_saved_tensor_hooks():
-    """Under save_on_cpu the checkpoint replaces one pair of saved-tensor hooks by another (as many): still a
-    change that tracing would drop."""
+def test_a_checkpointed_forward_runs_on_the_graph_engine_inside_the_users_own_saved_tensor_hooks():
+    """Under save_on_cpu the checkpoint, recorded as one call, runs inside the user's hooks in every pass."""
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    twins = BesideReference(Checkpointed(), ["a", "b"])
-    assert fallback_warnings(twins, x, y, context=torch.autograd.graph.save_on_cpu()) == [
-        "backforward: step_batch runs the generic engine on Checkpointed: its forward changes grad mode, autocast or "
-        "saved-tensor hooks inside (torch.no_grad, torch.autocast, checkpointing), which tracing would drop"]
+    twins = BesideReference(Checkpointed(), ["pre", "a", "b"])
+    with torch.autograd.graph.save_on_cpu():
+        steps_on_the_graph_engine(twins, x, y)
 
 
 class ChecksItsLogits(nn.Module):

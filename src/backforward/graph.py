@@ -31,10 +31,12 @@ firing). ``torch.export`` functionalises and decomposes the forward into ATen op
 a different program that in-place semantics, kernel choice and module hooks do not
 survive. Tracing is refused (and the generic engine used) where a traced graph could
 differ from the forward: a forward that changes grad mode, autocast or saved-tensor hooks
-inside (``torch.no_grad``, checkpointing), draws random numbers from no tensor, has
+inside (``torch.no_grad``, reentrant checkpointing), draws random numbers from no tensor, has
 hooks on the root, or whose graph does not reproduce ``forward()`` on the first batch.
 Modules from ``torch.nn`` and modules that own parameters, buffers or hooks are called
-whole; only plain containers are traced through.
+whole; only plain containers are traced through. Some calls fx cannot trace are recorded
+whole too (``_RecordedWhole``: factories given a traced size, non-reentrant checkpoints,
+custom autograd Functions).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import fx, nn
 from torch.nn.modules import module as _module
 from torch.overrides import TorchFunctionMode
@@ -379,12 +382,18 @@ def traced_graph(model: nn.Module, example: Any) -> ModelGraph:
 
 class _Tracer(fx.Tracer):
     """Calls ``torch.nn`` modules and modules owning parameters, buffers or hooks whole; records ``x += y``
-    as the in-place call it is; keeps tensor constants in the graph instead of on the model."""
+    as the in-place call it is; keeps tensor constants in the graph instead of on the model; records whole
+    the calls ``_RecordedWhole`` lists, given traced values."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        self.model = model
         self.ambient = _ambient()
         self.buffer_ids = {id(b) for b in model.buffers()}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _RecordedWhole(self, self.model):
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         owns = any(p is not None for p in m._parameters.values()) or any(b is not None for b in m._buffers.values())
@@ -403,10 +412,133 @@ class _Tracer(fx.Tracer):
                 raise Refusal("its forward computes a value from parameters outside the calls tracing records "
                               "(e.g. iterating self.parameters()), which tracing would fix at one value")
             return a  # a tensor made at trace time without tensor inputs: the same constant in every call
+        if isinstance(a, _FUNCTIONS):  # a function a call recorded whole takes (checkpoint's)
+            return a
         return super().create_arg(a)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+
+class _RecordedWhole:
+    """While tracing, calls fx cannot trace but that compute the same from the same values, recorded as one
+    node each where a traced value is among their arguments (called as usual otherwise):
+
+    - factories given a traced size or device (``torch.tril(torch.ones(T, T, device=x.device))``, a causal
+      mask: fx's proxies are no integers, so the call itself would fail);
+    - ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)``: run whole, it recomputes inside the
+      backward as in ``forward()`` (a reentrant one hides its parameters from the graph and stays refused,
+      as does a function holding traced values, which the recorded call would hold as proxies);
+    - ``SomeFunction.apply(...)`` of a custom ``torch.autograd.Function`` (tracing would run its forward on
+      proxies).
+
+    Found as attributes (``torch.ones``) and as names a module's forward imported (``from torch import
+    ones``). What such a call reads (parameters, buffers) the probe records, as for any call.
+    """
+
+    FACTORIES = ("ones", "zeros", "empty", "full", "arange", "eye", "tril_indices", "triu_indices")
+
+    def __init__(self, tracer: fx.Tracer, model: nn.Module):
+        self.tracer = tracer
+        self.model = model
+        self.patched: list[tuple[dict[str, Any], str, Any]] = []
+
+    def __enter__(self) -> None:
+        try:
+            self._patch_all()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _patch_all(self) -> None:
+        wrappers = {id(fn): self._whole(fn) for fn in (getattr(torch, name) for name in self.FACTORIES)}
+        checkpoint = torch.utils.checkpoint.checkpoint
+        wrappers[id(checkpoint)] = self._whole(checkpoint, _checkpoint_recordable)
+        namespaces = [vars(torch), vars(torch.utils.checkpoint)]
+        for m in self.model.modules():
+            found = getattr(getattr(m, "forward", None), "__globals__", None)
+            if found is not None and all(found is not n for n in namespaces):
+                namespaces.append(found)
+        for namespace in namespaces:
+            for name, value in list(namespace.items()):
+                if callable(value) and id(value) in wrappers:
+                    self._patch(namespace, name, wrappers[id(value)])
+        apply = vars(torch.autograd.Function)["apply"].__func__
+
+        def applied(fn_cls: type, *args: Any, **kwargs: Any) -> Any:
+            bound = apply.__get__(fn_cls)  # what ``fn_cls.apply`` is outside tracing
+            if fn_cls is not torch.utils.checkpoint.CheckpointFunction and _traced(args, kwargs):
+                return self._record(bound, args, kwargs)
+            return bound(*args, **kwargs)
+
+        self.patched.append((torch.autograd.Function, "apply", vars(torch.autograd.Function)["apply"]))
+        torch.autograd.Function.apply = classmethod(applied)  # type: ignore[method-assign,assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, value in reversed(self.patched):
+            if isinstance(owner, dict):
+                owner[name] = value
+            else:
+                setattr(owner, name, value)
+        self.patched.clear()
+
+    def _patch(self, namespace: dict[str, Any], name: str, value: Any) -> None:
+        self.patched.append((namespace, name, namespace[name]))
+        namespace[name] = value
+
+    def _whole(self, fn: Callable[..., Any], recordable: Callable[[tuple, dict], bool] = lambda a, k: True
+               ) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _traced(args, kwargs) and recordable(args, kwargs):
+                return self._record(fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def _record(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return self.tracer.create_proxy("call_function", fn, args, kwargs)
+
+
+def _traced(args: tuple, kwargs: dict) -> bool:
+    found = False
+
+    def look(a: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(a, fx.Proxy)
+        return a
+
+    fx.node.map_aggregate((args, kwargs), look)
+    return found
+
+
+def _checkpoint_recordable(args: tuple, kwargs: dict) -> bool:
+    """Non-reentrant, and its function a module, a module's method, or a function (maybe in partials) holding
+    no traced value (in its closure's cells, its defaults, a partial's arguments)."""
+    if kwargs.get("use_reentrant") is not False or not args:
+        return False
+    fn = args[0]
+    held: list[Any] = []
+    while isinstance(fn, functools.partial):
+        held += [*fn.args, *fn.keywords.values()]
+        fn = fn.func
+    if isinstance(fn, types.MethodType) and isinstance(fn.__self__, nn.Module):
+        fn = fn.__func__
+    elif isinstance(fn, nn.Module):
+        return not _traced(tuple(held), {})
+    if not isinstance(fn, types.FunctionType):  # another callable object: what it holds is not known
+        return False
+    held += [cell.cell_contents for cell in fn.__closure__ or () if _filled(cell)]
+    held += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    return not _traced(tuple(held), {})
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True
 
 
 class _Proxy(fx.Proxy):
