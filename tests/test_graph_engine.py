@@ -14,6 +14,8 @@ import fractions
 import functools
 import gc
 import operator
+import threading
+import time
 import types
 import warnings
 import weakref
@@ -1285,6 +1287,142 @@ def test_a_custom_autograd_function_in_the_forward_runs_on_the_graph_engine():
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     steps_on_the_graph_engine(BesideReference(Quantised(), ["a", "b"]), x, y)
     assert vars(torch.autograd.Function)["apply"].__func__ is APPLY  # put back after tracing
+
+
+class DoublesInPlace(torch.autograd.Function):
+    """Changes its input in place (``mark_dirty``): no name says so."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.mark_dirty(h)
+        return h.mul_(2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class RoundsUnderGrad(torch.autograd.Function):
+    """Its forward turns grad mode back on: tracing through it would record ops autograd differentiates."""
+
+    @staticmethod
+    def forward(ctx, h):
+        with torch.enable_grad():
+            return torch.round(h * 4) / 4
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+ROUNDED = RoundsUnderGrad.apply  # bound before tracing, as modules do at import
+
+
+class ChangesUnseen(nn.Module):
+    """In-place changes no name shows (``kind``): a custom Function's ``mark_dirty`` and an ``out=`` on a value
+    another op reads, an in-place sum into a tensor made while tracing."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.a, self.c, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        g = self.a(x) * 1.0
+        if self.kind == "mark_dirty":
+            doubled = DoublesInPlace.apply(g)
+            return self.head(self.c(g) + doubled)  # c reads g after the change, in time
+        if self.kind == "out":
+            index = torch.zeros(x.shape[0], dtype=torch.long)
+            torch.arange(x.shape[0], out=index)
+            return self.head(self.c(g) + index.unsqueeze(1) * 0.1)
+        total = torch.zeros(5, 6)  # made once while tracing: the graph holds this tensor
+        total += g
+        return self.head(self.c(total))
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("mark_dirty", "apply changes mul in place while other operations read it too, which a graph of values "
+                   "cannot order"),
+    ("out", "arange changes zeros in place while other operations read it too, which a graph of values cannot "
+            "order"),
+    ("constant", "add_ changes in place a tensor made once while tracing (a factory given no traced size), which "
+                 "every call would change again")])
+def test_in_place_changes_no_name_shows_are_seen_as_the_graph_is_read(kind, why):
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    said = fallback_warnings(BesideReference(ChangesUnseen(kind), ["a", "c", "head"]), x, y, steps=3)
+    assert said == [f"backforward: step_batch runs the generic engine on ChangesUnseen: {why}"]
+
+
+class RoundsThroughAName(nn.Module):
+    def __init__(self, kept: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        if kept:
+            self.rounded = RoundsUnderGrad.apply  # on the module: not a name tracing finds
+
+    def forward(self, x):
+        rounded = self.rounded if hasattr(self, "rounded") else ROUNDED
+        return self.b(rounded(torch.tanh(self.a(x))))
+
+
+def test_a_custom_function_called_through_a_module_level_name_runs_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(RoundsThroughAName(kept=False), ["a", "b"]), x, y)
+
+
+def test_a_custom_function_called_through_a_name_tracing_cannot_find_is_refused_saying_why():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    assert fallback_warnings(BesideReference(RoundsThroughAName(kept=True), ["a", "b"]), x, y) == [
+        "backforward: step_batch runs the generic engine on RoundsThroughAName: its forward runs a custom autograd "
+        "Function on traced values through a name not looked up on the class as it runs (f = MyFunction.apply kept "
+        "on an object), which tracing would trace through, dropping its backward"]
+
+
+class SlowToTrace(nn.Module):
+    """Sleeps while fx traces it, so that another thread reads its own model meanwhile."""
+
+    def __init__(self, tracing: threading.Event):
+        super().__init__()
+        self.tracing = tracing
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            self.tracing.set()
+            time.sleep(0.3)
+        return self.b(self.a(x) + torch.ones(x.shape[0], 1) + QUANTISE(x.sum(1, keepdim=True), 2.0))
+
+
+QUANTISE = StraightThrough.apply
+
+
+def test_models_read_in_two_threads_at_once_are_read_one_at_a_time():
+    """Overlapping, fx's patches and the recording ones would meet: put back in the wrong order, or a forward
+    run while the other thread traces."""
+    tracing, graphs, failures = threading.Event(), {}, []
+    # Made here: a random draw in one thread while the other traces looks like that forward's own.
+    models, x = {"first": SlowToTrace(tracing), "second": SlowToTrace(threading.Event())}, torch.randn(5, 4)
+
+    def read(who: str) -> None:
+        try:
+            graphs[who] = model_graph(models[who], x)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            failures.append(repr(e))
+
+    first = threading.Thread(target=read, args=("first",))
+    first.start()
+    assert tracing.wait(10)
+    second = threading.Thread(target=read, args=("second",))
+    second.start()
+    first.join()
+    second.join()
+    assert not failures and graphs.keys() == {"first", "second"}, failures
+    assert torch.ones is ONES and vars(torch.autograd.Function)["apply"].__func__ is APPLY
+    assert "apply" in [op.name for op in graphs["second"].ops]  # QUANTISE recorded whole in both
 
 
 # ---- found by the second mutation run ----

@@ -47,6 +47,8 @@ import enum
 import functools
 import math
 import operator
+import sys
+import threading
 import types
 import warnings
 from collections.abc import Callable, Collection, Sequence
@@ -79,6 +81,7 @@ class Op:
     buffers: tuple[int, ...] = ()   # id() of buffers it reads or writes itself
     free: bool = False              # an input or attribute lookup: evaluated whenever read, never kept
     module: nn.Module | None = None  # the module it calls, if it calls one
+    constants: tuple[torch.Tensor, ...] = ()  # tensors a traced call holds, made while tracing: every call's
 
 
 @dataclass
@@ -105,9 +108,16 @@ def model_graph(model: nn.Module, example: Any) -> ModelGraph:
         raise Refusal("the model has forward hooks, which a graph of its calls would not fire")
     if global_hooks():
         raise Refusal("global module forward hooks are registered; a graph of calls would not fire them all")
-    graph = chain_graph(model) if plain_sequential(model) else traced_graph(model, example)
-    probe(model, graph, example)
+    with _READING:
+        graph = chain_graph(model) if plain_sequential(model) else traced_graph(model, example)
+        probe(model, graph, example)
     return graph
+
+
+# fx and _RecordedWhole patch torch (nn.Module.__call__, torch.ones, ...) while they trace, and a reading's forwards
+# must not meet another's patches: one reading at a time (models stepped in several threads). Modules other
+# threads call meanwhile meet fx's patches all the same (README).
+_READING = threading.RLock()
 
 
 def chain_graph(model: nn.Sequential) -> ModelGraph:
@@ -392,6 +402,7 @@ class _Tracer(fx.Tracer):
         self.buffer_ids = {id(b) for b in model.buffers()}
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self.started = sys._getframe()
         with _RecordedWhole(self, self.model):
             return super().trace(root, concrete_args)
 
@@ -403,6 +414,10 @@ class _Tracer(fx.Tracer):
         if _ambient() != self.ambient:
             raise Refusal("its forward changes grad mode, autocast or saved-tensor hooks inside (torch.no_grad, "
                           "torch.autocast, checkpointing), which tracing would drop")
+        if _inside_function_apply(self.started):
+            raise Refusal("its forward runs a custom autograd Function on traced values through a name not "
+                          "looked up on the class as it runs (f = MyFunction.apply kept on an object), which "
+                          "tracing would trace through, dropping its backward")
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def create_arg(self, a: Any) -> Any:
@@ -459,10 +474,6 @@ class _RecordedWhole:
             found = getattr(getattr(m, "forward", None), "__globals__", None)
             if found is not None and all(found is not n for n in namespaces):
                 namespaces.append(found)
-        for namespace in namespaces:
-            for name, value in list(namespace.items()):
-                if callable(value) and id(value) in wrappers:
-                    self._patch(namespace, name, wrappers[id(value)])
         apply = vars(torch.autograd.Function)["apply"].__func__
 
         def applied(fn_cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -470,6 +481,13 @@ class _RecordedWhole:
             if fn_cls is not torch.utils.checkpoint.CheckpointFunction and _traced(args, kwargs):
                 return self._record(bound, args, kwargs)
             return bound(*args, **kwargs)
+
+        for namespace in namespaces:
+            for name, value in list(namespace.items()):
+                if callable(value) and id(value) in wrappers:
+                    self._patch(namespace, name, wrappers[id(value)])
+                elif isinstance(value, types.MethodType) and value.__func__ is apply:  # ``f = MyFunction.apply``
+                    self._patch(namespace, name, functools.partial(applied, value.__self__))
 
         self.patched.append((torch.autograd.Function, "apply", vars(torch.autograd.Function)["apply"]))
         torch.autograd.Function.apply = classmethod(applied)  # type: ignore[method-assign,assignment]
@@ -498,6 +516,19 @@ class _RecordedWhole:
 
     def _record(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return self.tracer.create_proxy("call_function", fn, args, kwargs)
+
+
+_APPLY = vars(torch.autograd.Function)["apply"].__func__  # torch's, before anything patches it
+
+
+def _inside_function_apply(started: Any) -> bool:
+    """Whether a custom Function's ``apply`` (torch's, not the recording one) is running, above ``started``."""
+    frame = sys._getframe(2)
+    while frame is not None and frame is not started:
+        if frame.f_code is _APPLY.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _traced(args: tuple, kwargs: dict) -> bool:
@@ -645,6 +676,8 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
             op = Op(node.name, lambda env, a=args[0]: _load(a, env), reads)
         # A node that reads a buffer through an attribute lookup touches that buffer.
         op.buffers = op.buffers + tuple(b for r in reads if ops[r].free for b in ops[r].buffers)
+        op.constants = tuple(t for t in pytree.tree_leaves((node.args, dict(node.kwargs)))
+                             if isinstance(t, torch.Tensor))
         index[node] = i
         ops.append(op)
     return ModelGraph(ops, "graph")
@@ -760,18 +793,24 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if traced else contextlib.nullcontext()
     env: Env = [None] * len(graph.ops)
     env[0] = pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, example)  # the batch stays as it is
+    changes = _InPlaceChanges(graph, env) if traced else None
     with _Reading(model) as reading:
         try:
             with torch.enable_grad(), hooks:
                 for i, op in enumerate(graph.ops[1:], start=1):
+                    before = changes.before(op) if changes is not None else None
                     with _Reads(parameters.keys() | buffers.keys()) as reads:
                         env[i] = op.evaluate(env)
+                    if changes is not None:
+                        changes.after(i, before)
                     op.params += tuple(sorted(reads.read & parameters.keys() - set(op.params)))
                     op.buffers += tuple(sorted({buffers[b] for b in reads.read & buffers.keys()} - set(op.buffers)))
                     for (m, name), first in zip(slots, firsts, strict=True):
                         now = m._buffers.get(name)  # rebound by the op (each pass: again), or deleted
                         if now is not None:
                             buffers.setdefault(id(now), first)
+        except Refusal:
+            raise
         except Exception as e:
             if not traced:  # the user's forward failing on this batch, as a step would say
                 raise
@@ -782,6 +821,37 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     if traced:
         saved |= _storages(env[0])
         graph.saved = frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
+
+
+class _InPlaceChanges:
+    """What each op of a traced graph changes in place, seen by version counters as the probe runs it: what
+    ``_refuse_shared_inplace`` cannot know from names (a custom Function's ``mark_dirty``, ``out=``). Refuses a
+    change to a value another op also reads (or to one it views: views share the counter), and one to a tensor
+    the graph holds as a constant (made while tracing: every call would change the same tensor)."""
+
+    def __init__(self, graph: ModelGraph, env: Env):
+        self.ops = graph.ops
+        self.env = env
+        self.readers: list[set[int]] = [set() for _ in graph.ops]
+        for i, op in enumerate(graph.ops):
+            for r in op.reads:
+                self.readers[r].add(i)
+
+    def before(self, op: Op) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]:
+        made = [(u, _versions(self.env[u])) for u in range(1, len(self.ops))
+                if self.env[u] is not None and not self.ops[u].free]
+        return made, tuple(t._version for t in op.constants)
+
+    def after(self, i: int, before: tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]) -> None:
+        made, constants = before
+        op = self.ops[i]
+        if constants != tuple(t._version for t in op.constants):
+            raise Refusal(f"{op.name} changes in place a tensor made once while tracing (a factory given no "
+                          "traced size), which every call would change again")
+        for u, versions in made:
+            if len(self.readers[u]) > 1 and _versions(self.env[u]) != versions:
+                raise Refusal(f"{op.name} changes {self.ops[u].name} in place while other operations read it too, "
+                              "which a graph of values cannot order")
 
 
 def _storages(value: Any) -> set[int]:
