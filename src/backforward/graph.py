@@ -798,7 +798,7 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
         try:
             with torch.enable_grad(), hooks:
                 for i, op in enumerate(graph.ops[1:], start=1):
-                    before = changes.before(op) if changes is not None else None
+                    before = changes.before(i) if changes is not None else None
                     with _Reads(parameters.keys() | buffers.keys()) as reads:
                         env[i] = op.evaluate(env)
                     if changes is not None:
@@ -832,24 +832,26 @@ class _InPlaceChanges:
     def __init__(self, graph: ModelGraph, env: Env):
         self.ops = graph.ops
         self.env = env
-        self.readers: list[set[int]] = [set() for _ in graph.ops]
+        readers: list[set[int]] = [set() for _ in graph.ops]
         for i, op in enumerate(graph.ops):
             for r in op.reads:
-                self.readers[r].add(i)
+                readers[r].add(i)
+        # Values several ops read, until the last of them ran (a change after that, to a value kept for a later
+        # pass, the engine's version check catches as the pass loads it).
+        self.last_read = {u: max(r) for u, r in enumerate(readers) if len(r) > 1 and u > 0 and not graph.ops[u].free}
 
-    def before(self, op: Op) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]:
-        made = [(u, _versions(self.env[u])) for u in range(1, len(self.ops))
-                if self.env[u] is not None and not self.ops[u].free]
-        return made, tuple(t._version for t in op.constants)
+    def before(self, i: int) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]:
+        shared = [(u, _versions(self.env[u])) for u, last in self.last_read.items() if u < i <= last]
+        return shared, tuple(t._version for t in self.ops[i].constants)
 
     def after(self, i: int, before: tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]) -> None:
-        made, constants = before
+        shared, constants = before
         op = self.ops[i]
         if constants != tuple(t._version for t in op.constants):
             raise Refusal(f"{op.name} changes in place a tensor made once while tracing (a factory given no "
                           "traced size), which every call would change again")
-        for u, versions in made:
-            if len(self.readers[u]) > 1 and _versions(self.env[u]) != versions:
+        for u, versions in shared:
+            if _versions(self.env[u]) != versions:
                 raise Refusal(f"{op.name} changes {self.ops[u].name} in place while other operations read it too, "
                               "which a graph of values cannot order")
 
