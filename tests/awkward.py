@@ -201,6 +201,8 @@ class CausalAttention(nn.Module):
 
 
 class RoundedThrough(torch.autograd.Function):
+    """Rounds, passing the gradient through unchanged (a quantiser's straight-through estimator)."""
+
     @staticmethod
     def forward(ctx, h, steps):
         return torch.round(h * steps) / steps

@@ -23,6 +23,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from awkward import RoundedThrough
 from conftest import Routed, Traced, activation_penalty, assert_same_params, clone, penalised_mlp_beside_reference
 from torch import full as full_of  # a factory imported by name (CausalSelfAttention)
 from torch import nn
@@ -84,12 +85,13 @@ def passes(calls: list[str]) -> list[list[str]]:
 class BesideReference:
     """The model stepped by step_batch beside a copy stepped by reference_step, on the stages named."""
 
-    def __init__(self, model: nn.Module, names: list[str], momentum: float = 0.0):
+    def __init__(self, model: nn.Module, names: list[str], momentum: float = 0.0, explicit: bool = False):
         self.model = model
         stages = [list(model.get_submodule(n).parameters()) for n in names]
         self.ref, self.ref_stages = clone(model, stages)
         self.ref_opt = torch.optim.SGD(self.ref.parameters(), lr=0.1, momentum=momentum)
-        self.bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum))
+        self.bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum),
+                              stages=stages if explicit else None)  # explicit: the order is not read
 
     def step(self, x, y, seed: int = 0) -> None:
         torch.manual_seed(seed)
@@ -1195,7 +1197,7 @@ class FailsAfterAFactory(nn.Module):
     def forward(self, x):
         h = self.a(x) + full_of((x.shape[0], 6), 1.0) + torch.ones(6, device=x.device)
         h = checkpoint(self.b, h, use_reentrant=False)
-        h = StraightThrough.apply(h, 2.0)
+        h = RoundedThrough.apply(h, 2.0)
         if h.sum() > 0:  # fx cannot trace this: tracing stops here
             h = -h
         return h
@@ -1213,23 +1215,9 @@ def test_tracing_that_fails_after_calls_it_recorded_whole_leaves_them_as_they_we
 
 def test_a_reentrant_checkpoint_is_refused_saying_why():
     torch.manual_seed(0)
-    model = Checkpointed(reentrant=True)
-    stages = [list(model.pre.parameters()), list(model.a.parameters()), list(model.b.parameters())]
-    ref, ref_stages = clone(model, stages)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    bf = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.1), stages=stages)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for t in range(2):
-            torch.manual_seed(t)
-            reference_step(ref, ref_opt, ref_stages, lambda: backward(F.cross_entropy(ref(x), y)))
-            torch.manual_seed(t)
-            bf.step_batch(x, y, F.cross_entropy)
-            assert_same_params(model, ref)
-    assert bf._engine == "generic"
-    assert [str(w.message) for w in caught if "backforward" in str(w.message)] == [
-        f"backforward: step_batch runs the generic engine on Checkpointed: {CHECKPOINT_REFUSED}"]
+    assert fallback_warnings(BesideReference(Checkpointed(reentrant=True), ["pre", "a", "b"], explicit=True), x, y) \
+        == [f"backforward: step_batch runs the generic engine on Checkpointed: {CHECKPOINT_REFUSED}"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -1261,25 +1249,13 @@ def test_factories_given_the_traced_sequence_length_run_on_the_graph_engine():
     assert torch.ones is ONES and full_of is torch.full  # put back after tracing
 
 
-class StraightThrough(torch.autograd.Function):
-    """Rounds, passing the gradient through unchanged (a quantiser's estimator)."""
-
-    @staticmethod
-    def forward(ctx, h, scale):
-        return torch.round(h * scale) / scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 class Quantised(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.b(StraightThrough.apply(torch.tanh(self.a(x)), 4.0))
+        return self.b(RoundedThrough.apply(torch.tanh(self.a(x)), 4.0))
 
 
 def test_a_custom_autograd_function_in_the_forward_runs_on_the_graph_engine():
@@ -1397,7 +1373,7 @@ class SlowToTrace(nn.Module):
         return self.b(self.a(x) + torch.ones(x.shape[0], 1) + QUANTISE(x.sum(1, keepdim=True), 2.0))
 
 
-QUANTISE = StraightThrough.apply
+QUANTISE = RoundedThrough.apply
 
 
 def test_models_read_in_two_threads_at_once_are_read_one_at_a_time():
