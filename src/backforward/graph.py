@@ -767,8 +767,9 @@ def _refuse_state_kept_by_hand(reading: _Reading, forward: Callable[[], object])
 
 
 def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
-    """One forward of the graph on the first batch, with grad, reading two things its ops do not say; it leaves
-    no trace (``_Reading``), and refuses a forward that keeps state in plain attributes.
+    """One forward of the graph on the first batch, with grad, reading what its ops do not say; it leaves no
+    trace (``_Reading``), and refuses a forward that keeps state in plain attributes, or a traced one changing in
+    place what no name shows (``_InPlaceChanges``).
 
     - Each op's parameters and buffers gain those of the model it reads without owning them (a module keeping
       a reference to another's weight or running statistic outside the module tree): the value it makes depends
