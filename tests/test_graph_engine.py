@@ -36,6 +36,7 @@ from backforward.stages import Stage
 F = nn.functional
 CALLS: list[str] = []
 ONES = torch.ones
+TOTAL = torch.zeros(5, 6)  # ChangesUnseen("constant") adds into it
 APPLY = vars(torch.autograd.Function)["apply"].__func__
 
 
@@ -1296,7 +1297,7 @@ ROUNDED = RoundsUnderGrad.apply  # bound before tracing, as modules do at import
 
 class ChangesUnseen(nn.Module):
     """In-place changes no name shows (``kind``): a custom Function's ``mark_dirty`` and an ``out=`` on a value
-    another op reads, an in-place sum into a tensor made while tracing."""
+    another op reads, an in-place sum into a tensor outside the model that the graph holds as a constant."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -1312,23 +1313,97 @@ class ChangesUnseen(nn.Module):
             index = torch.zeros(x.shape[0], dtype=torch.long)
             torch.arange(x.shape[0], out=index)
             return self.head(self.c(g) + index.unsqueeze(1) * 0.1)
-        total = torch.zeros(5, 6)  # made once while tracing: the graph holds this tensor
-        total += g
-        return self.head(self.c(total))
+        total = TOTAL  # a tensor outside the model: the graph holds this one tensor, as forward() does
+        total += g.detach()  # a sum of what it saw, kept outside the model
+        return self.head(self.c(g))
 
 
 @pytest.mark.parametrize("kind, why", [
     ("mark_dirty", "apply changes mul in place while other operations read it too, which a graph of values "
                    "cannot order"),
     ("out", "arange changes zeros in place while other operations read it too, which a graph of values cannot "
-            "order"),
-    ("constant", "add_ changes in place a tensor made once while tracing (a factory given no traced size), which "
-                 "every call would change again")])
+            "order")])
 def test_in_place_changes_no_name_shows_are_seen_as_the_graph_is_read(kind, why):
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     said = fallback_warnings(BesideReference(ChangesUnseen(kind), ["a", "c", "head"]), x, y, steps=3)
     assert said == [f"backforward: step_batch runs the generic engine on ChangesUnseen: {why}"]
+
+
+def test_an_in_place_change_to_a_tensor_the_graph_holds_as_a_constant_is_refused():
+    """A tensor outside the model (a module-level one) is one constant of the graph: every evaluation would change
+    it, where fewer or more evaluations than forward() calls run."""
+    torch.manual_seed(0)
+    with pytest.raises(Refusal, match=r"^add_ changes in place a tensor made once while tracing \(a factory given no "
+                                      r"traced size\), which every call would change again$"):
+        model_graph(ChangesUnseen("constant"), torch.randn(5, 4))
+
+
+class MadeWhileTracing(nn.Module):
+    """Tensors of fixed sizes made in the forward, changed in place through ``.to()`` and a view: each call's
+    own, as in forward()."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        total = torch.zeros(5, 6).to(x.device)
+        total += self.a(x)
+        flat = torch.zeros(30).view(5, 6)
+        flat += x.sum(1, keepdim=True)
+        return self.head(torch.tanh(total + flat) + torch.tensor(0.5))
+
+
+def test_tensors_of_fixed_sizes_made_in_the_forward_are_each_calls_own_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(MadeWhileTracing(), ["a", "head"]), x, y)
+
+
+with torch.inference_mode():
+    OFFSET = torch.full((6,), 0.25)  # an inference tensor: it has no version counter
+
+
+class ShiftedByAnInferenceTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)) + OFFSET)
+
+
+def test_an_inference_tensor_the_graph_holds_runs_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(ShiftedByAnInferenceTensor(), ["a", "head"]), x, y)
+
+
+class ScaledByABuffer(nn.Module):
+    """Reads an expression of buffers: BatchNorm's running variance (moving every step) and a temperature of its
+    own that the user anneals between steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward(self, x):
+        scale = self.bn.running_var.mean().rsqrt()
+        return self.b(self.bn(self.a(x)) * scale) / self.temperature.clamp(min=0.1)
+
+
+def test_an_expression_on_buffers_is_recomputed_on_the_graph_engine():
+    """Buffers are traced values: the expression is not fixed at the values tracing saw."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    twins = BesideReference(ScaledByABuffer(), ["a", "bn", "b"])
+    for t in range(4):
+        for m in (twins.model, twins.ref):
+            m.temperature.fill_(1.0 - 0.2 * t)
+        twins.step(x, y, seed=t)
+    assert twins.bf._engine == "graph"
 
 
 class RoundsThroughAName(nn.Module):
@@ -1392,6 +1467,7 @@ def test_models_read_in_two_threads_at_once_are_read_one_at_a_time():
     first = threading.Thread(target=read, args=("first",))
     first.start()
     assert tracing.wait(10)
+    assert type(torch.zeros(2)) is torch.Tensor  # factories record only in the thread that traces
     second = threading.Thread(target=read, args=("second",))
     second.start()
     first.join()
@@ -1593,24 +1669,31 @@ def test_a_returned_value_that_another_operation_also_reads_runs_on_the_graph_en
 
 
 class TracksItsMeanLogit(nn.Module):
-    """Keeps a running mean of its logits in a buffer of its own, updated by calls on the buffer itself."""
+    """Keeps a running mean of its logits in a buffer of its own, updated by calls on the buffer itself; ``by``
+    reaching it as an attribute (tracing records the calls) or through ``_buffers`` (tracing runs them)."""
 
-    def __init__(self):
+    def __init__(self, by: str):
         super().__init__()
+        self.by = by
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
         self.register_buffer("mean_logit", torch.ones(()))
 
     def forward(self, x):
         logits = self.b(torch.tanh(self.a(x)))
-        self.mean_logit.mul_(0.9).add_(0.1 * logits.detach().mean())
+        mean = self.mean_logit if self.by == "attribute" else self._buffers["mean_logit"]
+        mean.mul_(0.9).add_(0.1 * logits.detach().mean())
         return logits
 
 
-def test_a_buffer_the_root_forward_updates_by_its_own_calls_advances_once_per_step():
-    """Tracing runs ``self.mean_logit.mul_(0.9)`` on the real buffer (no proxy in it) and records only the
-    ``add_``: refused, and the generic engine advances the buffer once per step."""
+@pytest.mark.parametrize("by, engine, said", [
+    ("attribute", "graph", []),
+    ("dict", "generic", ["backforward: step_batch runs the generic engine on TracksItsMeanLogit: its forward changes a "
+                         "buffer by calls on the buffer itself, which tracing runs once instead of recording"])])
+def test_a_buffer_the_root_forward_updates_by_its_own_calls_advances_once_per_step(by, engine, said):
+    """Reached as an attribute, the buffer is a traced value and its updates are recorded; through ``_buffers``,
+    tracing runs ``mul_(0.9)`` on the real buffer (no proxy in it) and records only the ``add_``: refused."""
     torch.manual_seed(0)
-    model = TracksItsMeanLogit().double()
+    model = TracksItsMeanLogit(by).double()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     opt = Backforward(model, torch.optim.SGD(model.parameters(), lr=0.3))
     with warnings.catch_warnings(record=True) as caught:
@@ -1620,10 +1703,8 @@ def test_a_buffer_the_root_forward_updates_by_its_own_calls_advances_once_per_st
             expected = 0.9 * float(model.mean_logit) + 0.1 * mean  # one plain forward's worth
             opt.step_batch(x, y, F.cross_entropy)
             assert float(model.mean_logit) == pytest.approx(expected, rel=1e-12)
-    assert opt._engine == "generic"
-    assert [str(w.message) for w in caught] == [
-        "backforward: step_batch runs the generic engine on TracksItsMeanLogit: its forward changes a buffer by "
-        "calls on the buffer itself, which tracing runs once instead of recording"]
+    assert opt._engine == engine
+    assert [str(w.message) for w in caught] == said
 
 
 class Tanh(nn.Module):

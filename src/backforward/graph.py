@@ -398,6 +398,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.proxy_buffer_attributes = True  # an expression on a buffer is recomputed, not fixed at tracing's value
         self.ambient = _ambient()
         self.buffer_ids = {id(b) for b in model.buffers()}
 
@@ -437,25 +438,29 @@ class _Tracer(fx.Tracer):
 
 class _RecordedWhole:
     """While tracing, calls fx cannot trace but that compute the same from the same values, recorded as one
-    node each where a traced value is among their arguments (called as usual otherwise):
+    node each (called as usual otherwise):
 
-    - factories given a traced size or device (``torch.tril(torch.ones(T, T, device=x.device))``, a causal
-      mask: fx's proxies are no integers, so the call itself would fail);
-    - ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)``: run whole, it recomputes inside the
-      backward as in ``forward()`` (a reentrant one hides its parameters from the graph and stays refused,
-      as does a function holding traced values, which the recorded call would hold as proxies);
-    - ``SomeFunction.apply(...)`` of a custom ``torch.autograd.Function`` (tracing would run its forward on
-      proxies).
+    - factories (``torch.tril(torch.ones(T, T, device=x.device))``, a causal mask: given a traced size, the
+      call itself would fail, as fx's proxies are no integers; given fixed sizes, the tensor made while tracing
+      would be every call's), called in the thread that traces;
+    - ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)`` given traced values: run whole, it
+      recomputes inside the backward as in ``forward()`` (a reentrant one hides its parameters from the graph
+      and stays refused, as does a function holding traced values, which the recorded call would hold as
+      proxies);
+    - ``SomeFunction.apply(...)`` of a custom ``torch.autograd.Function`` given traced values (tracing would
+      run its forward on proxies).
 
     Found as attributes (``torch.ones``) and as names a module's forward imported (``from torch import
     ones``). What such a call reads (parameters, buffers) the probe records, as for any call.
     """
 
-    FACTORIES = ("ones", "zeros", "empty", "full", "arange", "eye", "tril_indices", "triu_indices")
+    FACTORIES = ("tensor", "ones", "zeros", "empty", "full", "arange", "linspace", "logspace", "eye", "tril_indices",
+                 "triu_indices")
 
     def __init__(self, tracer: fx.Tracer, model: nn.Module):
         self.tracer = tracer
         self.model = model
+        self.thread = threading.get_ident()  # only the forward being traced makes proxies; other threads' calls run
         self.patched: list[tuple[dict[str, Any], str, Any]] = []
 
     def __enter__(self) -> None:
@@ -466,7 +471,10 @@ class _RecordedWhole:
             raise
 
     def _patch_all(self) -> None:
-        wrappers = {id(fn): self._whole(fn) for fn in (getattr(torch, name) for name in self.FACTORIES)}
+        # A factory's tensor, even of fixed sizes, is the forward's own in each call: made once while tracing, the
+        # graph would hold one tensor for every call (changed in place, or held by a checkpointed function).
+        wrappers = {id(fn): self._whole(fn, lambda args, kwargs: True)
+                    for fn in (getattr(torch, name) for name in self.FACTORIES)}
         checkpoint = torch.utils.checkpoint.checkpoint
         wrappers[id(checkpoint)] = self._whole(checkpoint, _checkpoint_recordable)
         namespaces = [vars(torch), vars(torch.utils.checkpoint)]
@@ -478,7 +486,8 @@ class _RecordedWhole:
 
         def applied(fn_cls: type, *args: Any, **kwargs: Any) -> Any:
             bound = apply.__get__(fn_cls)  # what ``fn_cls.apply`` is outside tracing
-            if fn_cls is not torch.utils.checkpoint.CheckpointFunction and _traced(args, kwargs):
+            if (fn_cls is not torch.utils.checkpoint.CheckpointFunction and threading.get_ident() == self.thread
+                    and _traced(args, kwargs)):
                 return self._record(bound, args, kwargs)
             return bound(*args, **kwargs)
 
@@ -504,11 +513,10 @@ class _RecordedWhole:
         self.patched.append((namespace, name, namespace[name]))
         namespace[name] = value
 
-    def _whole(self, fn: Callable[..., Any], recordable: Callable[[tuple, dict], bool] = lambda a, k: True
-               ) -> Callable[..., Any]:
+    def _whole(self, fn: Callable[..., Any], recordable: Callable[[tuple, dict], bool]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            if _traced(args, kwargs) and recordable(args, kwargs):
+            if threading.get_ident() == self.thread and recordable(args, kwargs):
                 return self._record(fn, args, kwargs)
             return fn(*args, **kwargs)
 
@@ -546,7 +554,7 @@ def _traced(args: tuple, kwargs: dict) -> bool:
 def _checkpoint_recordable(args: tuple, kwargs: dict) -> bool:
     """Non-reentrant, and its function a module, a module's method, or a function (maybe in partials) holding
     no traced value (in its closure's cells, its defaults, a partial's arguments)."""
-    if kwargs.get("use_reentrant") is not False or not args:
+    if kwargs.get("use_reentrant") is not False or not _traced(args, kwargs):
         return False
     fn = args[0]
     held: list[Any] = []
@@ -843,12 +851,12 @@ class _InPlaceChanges:
 
     def before(self, i: int) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]:
         shared = [(u, _versions(self.env[u])) for u, last in self.last_read.items() if u < i <= last]
-        return shared, tuple(t._version for t in self.ops[i].constants)
+        return shared, tuple(_version(t) for t in self.ops[i].constants)
 
     def after(self, i: int, before: tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]) -> None:
         shared, constants = before
         op = self.ops[i]
-        if constants != tuple(t._version for t in op.constants):
+        if constants != tuple(_version(t) for t in op.constants):
             raise Refusal(f"{op.name} changes in place a tensor made once while tracing (a factory given no "
                           "traced size), which every call would change again")
         for u, versions in shared:
