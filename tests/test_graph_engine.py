@@ -1149,14 +1149,32 @@ def test_a_forward_checkpointed_without_reentrance_runs_on_the_graph_engine(how)
     steps_on_the_graph_engine(BesideReference(Checkpointed(how), ["pre", "a", "b"]), x, y)
 
 
+class Added(nn.Module):
+    def forward(self, t, h):
+        return torch.tanh(t + h)
+
+
+def added(t, h, scale=1.0):
+    return torch.tanh(t + h) * scale
+
+
 class HoldsATracedValue(nn.Module):
-    def __init__(self):
+    """Checkpoints a function holding the traced ``h`` (``how``): in a lambda's closure, in the arguments of a
+    partial of a module, of a partial of a partial (the outer one's), of a partial of a function with a closure."""
+
+    def __init__(self, how: str = "lambda"):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.how = how
+        self.a, self.b, self.added = nn.Linear(4, 6), nn.Linear(6, 3), Added()
 
     def forward(self, x):
         h = self.a(x)
-        return self.b(checkpoint(lambda t: torch.tanh(t + h), h, use_reentrant=False))  # h: traced, held
+        scale = 2.0
+        fn = {"lambda": lambda t: torch.tanh(t + h),
+              "partial of a module": functools.partial(self.added, h=h),
+              "partial of a partial": functools.partial(functools.partial(added, scale=2.0), h=h),
+              "partial of a closure": functools.partial(lambda t, h: added(t, h, scale), h=h)}[self.how]
+        return self.b(checkpoint(fn, h, use_reentrant=False))
 
 
 class CallableBlock:
@@ -1182,12 +1200,36 @@ CHECKPOINT_REFUSED = ("its forward changes grad mode, autocast or saved-tensor h
                       "torch.autocast, checkpointing), which tracing would drop")
 
 
-@pytest.mark.parametrize("make", [HoldsATracedValue, ChecksACallable])
+@pytest.mark.parametrize("make", [*(functools.partial(HoldsATracedValue, how) for how in (
+    "lambda", "partial of a module", "partial of a partial", "partial of a closure")), ChecksACallable])
 def test_a_checkpoint_whose_function_holds_a_traced_value_or_is_another_callable_is_refused_saying_why(make):
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    assert fallback_warnings(BesideReference(make(), ["a", "b"]), x, y) == [
-        f"backforward: step_batch runs the generic engine on {make.__name__}: {CHECKPOINT_REFUSED}"]
+    model = make()
+    assert fallback_warnings(BesideReference(model, ["a", "b"]), x, y) == [
+        f"backforward: step_batch runs the generic engine on {type(model).__name__}: {CHECKPOINT_REFUSED}"]
+
+
+class ClosesOverALaterName(nn.Module):
+    """Checkpoints a function whose closure holds a name bound only after the call (an empty cell then)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        def block(t):
+            return torch.tanh(self.a(t)) if t.dim() == 2 else later(t)  # later: not read for a batch of vectors
+
+        h = checkpoint(block, x, use_reentrant=False)
+        later = torch.relu
+        return self.b(later(h))
+
+
+def test_a_checkpointed_function_closing_over_a_name_not_yet_bound_runs_on_the_graph_engine():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(ClosesOverALaterName(), ["a", "b"]), x, y)
 
 
 class FailsAfterAFactory(nn.Module):
@@ -1305,7 +1347,7 @@ class ChangesUnseen(nn.Module):
         self.a, self.c, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        g = self.a(x) * 1.0
+        g = self.a(x)  # op 1
         if self.kind == "mark_dirty":
             doubled = DoublesInPlace.apply(g)
             return self.head(self.c(g) + doubled)  # c reads g after the change, in time
@@ -1319,7 +1361,7 @@ class ChangesUnseen(nn.Module):
 
 
 @pytest.mark.parametrize("kind, why", [
-    ("mark_dirty", "apply changes mul in place while other operations read it too, which a graph of values "
+    ("mark_dirty", "apply changes a in place while other operations read it too, which a graph of values "
                    "cannot order"),
     ("out", "arange changes zeros in place while other operations read it too, which a graph of values cannot "
             "order")])
