@@ -1351,6 +1351,9 @@ class ChangesUnseen(nn.Module):
         if self.kind == "mark_dirty":
             doubled = DoublesInPlace.apply(g)
             return self.head(self.c(g) + doubled)  # c reads g after the change, in time
+        if self.kind == "mark_dirty last":
+            total = g.sum(1, keepdim=True)  # reads g before the change, in time
+            return self.head(self.c(DoublesInPlace.apply(g)) * total)
         if self.kind == "out":
             index = torch.zeros(x.shape[0], dtype=torch.long)
             torch.arange(x.shape[0], out=index)
@@ -1363,6 +1366,8 @@ class ChangesUnseen(nn.Module):
 @pytest.mark.parametrize("kind, why", [
     ("mark_dirty", "apply changes a in place while other operations read it too, which a graph of values "
                    "cannot order"),
+    ("mark_dirty last", "apply changes a in place while other operations read it too, which a graph of values "
+                        "cannot order"),
     ("out", "arange changes zeros in place while other operations read it too, which a graph of values cannot "
             "order")])
 def test_in_place_changes_no_name_shows_are_seen_as_the_graph_is_read(kind, why):
