@@ -14,6 +14,7 @@ import fractions
 import functools
 import gc
 import operator
+import re
 import threading
 import time
 import types
@@ -1377,35 +1378,75 @@ def test_in_place_changes_no_name_shows_are_seen_as_the_graph_is_read(kind, why)
     assert said == [f"backforward: step_batch runs the generic engine on ChangesUnseen: {why}"]
 
 
-def test_an_in_place_change_to_a_tensor_the_graph_holds_as_a_constant_is_refused():
-    """A tensor outside the model (a module-level one) is one constant of the graph: every evaluation would change
-    it, where fewer or more evaluations than forward() calls run."""
-    torch.manual_seed(0)
-    with pytest.raises(Refusal, match=r"^add_ changes in place a tensor made once while tracing \(a factory given no "
-                                      r"traced size\), which every call would change again$"):
-        model_graph(ChangesUnseen("constant"), torch.randn(5, 4))
+CONSTANT_CHANGED = ("changes in place a tensor the graph holds as a constant (made while tracing, or outside the "
+                    "model), which every call would change again")
 
 
 class MadeWhileTracing(nn.Module):
-    """Tensors of fixed sizes made in the forward, changed in place through ``.to()`` and a view: each call's
-    own, as in forward()."""
+    """A tensor of fixed sizes made in the forward (once, while tracing: a constant of the graph) and changed in
+    place through what it is or views (``how``), or held by a checkpointed function that changes it."""
 
-    def __init__(self):
+    def __init__(self, how: str):
         super().__init__()
+        self.how = how
         self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x):
-        total = torch.zeros(5, 6).to(x.device)
-        total += self.a(x)
-        flat = torch.zeros(30).view(5, 6)
-        flat += x.sum(1, keepdim=True)
-        return self.head(torch.tanh(total + flat) + torch.tensor(0.5))
+        h = self.a(x)
+        if self.how == "to":
+            total = torch.zeros(5, 6).to(x.device)  # the same tensor
+            total += h
+        elif self.how == "view":
+            total = torch.zeros(30).view(x.shape[0], 6)
+            total += h
+        else:
+            total = torch.zeros(5, 6)
+            total = checkpoint(functools.partial(added_into, total), h, use_reentrant=False)
+        return self.head(torch.tanh(total))
 
 
-def test_tensors_of_fixed_sizes_made_in_the_forward_are_each_calls_own_on_the_graph_engine():
+def added_into(total, h):
+    return total.add_(h)
+
+
+@pytest.mark.parametrize("how, why", [("to", f"iadd {CONSTANT_CHANGED}"), ("view", f"iadd {CONSTANT_CHANGED}"),
+                                      ("checkpoint", CHECKPOINT_REFUSED)])
+def test_a_tensor_made_while_tracing_and_changed_in_place_by_every_call_is_refused(how, why):
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    steps_on_the_graph_engine(BesideReference(MadeWhileTracing(), ["a", "head"]), x, y)
+    assert fallback_warnings(BesideReference(MadeWhileTracing(how), ["a", "head"]), x, y) == [
+        f"backforward: step_batch runs the generic engine on MadeWhileTracing: {why}"]
+
+
+def test_an_in_place_change_to_a_tensor_outside_the_model_is_refused():
+    """A tensor outside the model (a module-level one) is one constant of the graph: every evaluation would change
+    it, where fewer or more evaluations than forward() calls run."""
+    torch.manual_seed(0)
+    with pytest.raises(Refusal, match=f"^add_ {re.escape(CONSTANT_CHANGED)}$"):
+        model_graph(ChangesUnseen("constant"), torch.randn(5, 4))
+
+
+class MadeOfTheDefaultType(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) * (1 + torch.finfo(torch.zeros(()).dtype).eps)  # a factory's dtype, fixed while tracing
+
+
+def test_a_change_of_torch_default_dtype_reads_the_model_again():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    twins = BesideReference(MadeOfTheDefaultType().double(), ["a"])
+    before = torch.get_default_dtype()
+    try:
+        for t, dtype in enumerate((torch.float64, torch.float64, torch.float32, torch.float32)):
+            torch.set_default_dtype(dtype)
+            twins.step(x, y, seed=t)  # equal to the reference, which reads eps of this step's default dtype
+    finally:
+        torch.set_default_dtype(before)
+    assert len(twins.bf._graphs) == 2
 
 
 with torch.inference_mode():
@@ -1439,6 +1480,37 @@ class ScaledByABuffer(nn.Module):
     def forward(self, x):
         scale = self.bn.running_var.mean().rsqrt()
         return self.b(self.bn(self.a(x)) * scale) / self.temperature.clamp(min=0.1)
+
+
+class NormalisesByRunningStatistics(nn.Module):
+    """Reads BatchNorm's running statistics after the call that updates them (they depend on fc1's stage then),
+    and shrinks a running variance in place through ``.data`` or a view (``how``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.how == "data":
+            self.bn.running_var.data.mul_(0.9)
+        elif self.how == "view":
+            self.bn.running_var.view(-1).mul_(0.9)
+        normalised = self.bn(h)
+        if self.how == "after":
+            normalised = (h - self.bn.running_mean) / torch.sqrt(self.bn.running_var + self.bn.eps)
+        return self.fc2(torch.tanh(normalised))
+
+
+@pytest.mark.parametrize("how", ["after", "data", "view"])
+def test_running_statistics_read_after_their_update_or_changed_through_a_view_run_on_the_graph_engine(how):
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    model = NormalisesByRunningStatistics(how)
+    if how != "after":
+        model.eval()
+    steps_on_the_graph_engine(BesideReference(model, ["fc1", "bn", "fc2"]), x, y, steps=4)
 
 
 def test_an_expression_on_buffers_is_recomputed_on_the_graph_engine():

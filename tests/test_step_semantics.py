@@ -2272,3 +2272,39 @@ def test_a_step_run_inside_autocast_casts_each_pass_weights_anew(entry):
     for (losses, ref), (last_losses, names, stepped) in zip(expected, got, strict=True):
         assert last_losses == losses and len(set(losses)) == 4 and names == ["0", "1", "3", "5"]
         assert_same_params(stepped, ref)
+
+
+class SharesARunningMean(nn.Module):
+    """Two BatchNorms holding one running_mean tensor (a buffer two modules share)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc1, self.b, self.fc2 = nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+        self.b.running_mean = self.a.running_mean
+
+    def forward(self, x):
+        return self.fc2(self.b(self.fc1(self.a(x))))
+
+
+@pytest.mark.parametrize("how", ["reference", "step", "step_batch"])
+def test_a_buffer_two_modules_share_stays_shared_and_advances_as_in_one_plain_forward(how):
+    torch.manual_seed(0)
+    model = SharesARunningMean()  # (.double() would make two tensors of the shared one)
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if how == "reference":
+        reference_step(model, opt, [list(m.parameters()) for m in (model.a, model.fc1, model.b, model.fc2)], closure)
+    else:
+        bf = Backforward(model, opt)
+        bf.step(closure) if how == "step" else bf.step_batch(x, y, nn.functional.cross_entropy)
+    plain(x)  # one plain forward at θ_t: what the running statistics record in a step
+    assert model.a.running_mean is model.b.running_mean
+    for got, expected in zip(model.buffers(), plain.buffers(), strict=True):
+        assert torch.equal(got, expected)

@@ -19,7 +19,9 @@ The same function in every pass:
   would draw (the nodes before it drew as when they last ran; on a traced graph, unless a
   pass in between recomputed a branch before it).
 - Buffers: nodes that touch the same buffer (a module called twice) are recomputed
-  together, so a node never reads a buffer state an unrecomputed node would have written.
+  together, so a node never reads a buffer state an unrecomputed node would have written;
+  and a node touching a buffer depends on what the nodes touching it before depend on (a
+  running statistic read after the call that updates it).
 - In-place operations: a kept value that a module modified in place is caught by its
   version counter; that step then recomputes every node, and from then on that value is
   kept as a copy, and handed out as a copy to a pass that is not its last reader.
@@ -440,9 +442,9 @@ class _RecordedWhole:
     """While tracing, calls fx cannot trace but that compute the same from the same values, recorded as one
     node each (called as usual otherwise):
 
-    - factories (``torch.tril(torch.ones(T, T, device=x.device))``, a causal mask: given a traced size, the
-      call itself would fail, as fx's proxies are no integers; given fixed sizes, the tensor made while tracing
-      would be every call's), called in the thread that traces;
+    - factories given a traced size or device (``torch.tril(torch.ones(T, T, device=x.device))``, a causal
+      mask: fx's proxies are no integers, so the call itself would fail), called in the thread that traces (of
+      fixed sizes, one is made while tracing: a constant of the graph, which ``_InPlaceChanges`` watches);
     - ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)`` given traced values: run whole, it
       recomputes inside the backward as in ``forward()`` (a reentrant one hides its parameters from the graph
       and stays refused, as does a function holding traced values, which the recorded call would hold as
@@ -454,7 +456,7 @@ class _RecordedWhole:
     ones``). What such a call reads (parameters, buffers) the probe records, as for any call.
     """
 
-    FACTORIES = ("tensor", "ones", "zeros", "empty", "full", "arange", "linspace", "logspace", "eye", "tril_indices",
+    FACTORIES = ("ones", "zeros", "empty", "full", "arange", "linspace", "logspace", "eye", "tril_indices",
                  "triu_indices")
 
     def __init__(self, tracer: fx.Tracer, model: nn.Module):
@@ -471,10 +473,7 @@ class _RecordedWhole:
             raise
 
     def _patch_all(self) -> None:
-        # A factory's tensor, even of fixed sizes, is the forward's own in each call: made once while tracing, the
-        # graph would hold one tensor for every call (changed in place, or held by a checkpointed function).
-        wrappers = {id(fn): self._whole(fn, lambda args, kwargs: True)
-                    for fn in (getattr(torch, name) for name in self.FACTORIES)}
+        wrappers = {id(fn): self._whole(fn, _traced) for fn in (getattr(torch, name) for name in self.FACTORIES)}
         checkpoint = torch.utils.checkpoint.checkpoint
         wrappers[id(checkpoint)] = self._whole(checkpoint, _checkpoint_recordable)
         namespaces = [vars(torch), vars(torch.utils.checkpoint)]
@@ -551,9 +550,22 @@ def _traced(args: tuple, kwargs: dict) -> bool:
     return found
 
 
+def _holds_tensors(values: tuple) -> bool:
+    found = False
+
+    def look(a: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(a, (fx.Proxy, torch.Tensor))
+        return a
+
+    fx.node.map_aggregate(values, look)
+    return found
+
+
 def _checkpoint_recordable(args: tuple, kwargs: dict) -> bool:
     """Non-reentrant, and its function a module, a module's method, or a function (maybe in partials) holding
-    no traced value (in its closure's cells, its defaults, a partial's arguments)."""
+    no traced value or tensor (in its closure's cells, its defaults, a partial's arguments: a tensor made while
+    tracing would be every call's)."""
     if kwargs.get("use_reentrant") is not False or not _traced(args, kwargs):
         return False
     fn = args[0]
@@ -563,13 +575,12 @@ def _checkpoint_recordable(args: tuple, kwargs: dict) -> bool:
         fn = fn.func
     if isinstance(fn, types.MethodType) and isinstance(fn.__self__, nn.Module):
         fn = fn.__func__
-    elif isinstance(fn, nn.Module):
-        return not _traced(tuple(held), {})
-    if not isinstance(fn, types.FunctionType):  # another callable object: what it holds is not known
-        return False
-    held += [cell.cell_contents for cell in fn.__closure__ or () if _filled(cell)]
-    held += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
-    return not _traced(tuple(held), {})
+    elif not isinstance(fn, nn.Module):
+        if not isinstance(fn, types.FunctionType):  # another callable object: what it holds is not known
+            return False
+        held += [cell.cell_contents for cell in fn.__closure__ or () if _filled(cell)]
+        held += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    return not _holds_tensors(tuple(held))
 
 
 def _filled(cell: types.CellType) -> bool:
@@ -654,6 +665,7 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
     _refuse_shared_inplace(model, graph)
     index: dict[fx.Node, int] = {}
     ops: list[Op] = []
+    viewing: dict[int, tuple[int, ...]] = {}  # value -> the buffers it may be, or view (``.data``, ``.view()``)
     for node in graph.nodes:
         i = len(ops)  # fx puts the placeholders first: op 0 is the input, the others must have defaults
         reads = tuple(index[n] for n in node.all_input_nodes)
@@ -682,8 +694,12 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> ModelGraph:
             op = Op(node.name, _caller(_method(str(node.target)), args, kwargs), reads)
         else:  # output
             op = Op(node.name, lambda env, a=args[0]: _load(a, env), reads)
-        # A node that reads a buffer through an attribute lookup touches that buffer.
-        op.buffers = op.buffers + tuple(b for r in reads if ops[r].free for b in ops[r].buffers)
+        # A node that reads a buffer through an attribute lookup, or a view of one, touches that buffer.
+        op.buffers = op.buffers + tuple(b for r in reads for b in viewing.get(r, ()) if b not in op.buffers)
+        if node.op == "get_attr":
+            viewing[i] = op.buffers
+        elif node.args and isinstance(node.args[0], fx.Node) and _may_alias_its_input(model, node):
+            viewing[i] = viewing.get(index[node.args[0]], ())
         op.constants = tuple(t for t in pytree.tree_leaves((node.args, dict(node.kwargs)))
                              if isinstance(t, torch.Tensor))
         index[node] = i
@@ -848,17 +864,19 @@ class _InPlaceChanges:
         # Values several ops read, until the last of them ran (a change after that, to a value kept for a later
         # pass, the engine's version check catches as the pass loads it).
         self.last_read = {u: max(r) for u, r in enumerate(readers) if len(r) > 1 and u > 0 and not graph.ops[u].free}
+        # Every op's: one changed through a value that is it or views it (``.to()``, ``.view()``) counts too.
+        self.constants = list({id(t): t for op in graph.ops for t in op.constants}.values())
 
-    def before(self, i: int) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]:
+    def before(self, i: int) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int | None, ...]]:
         shared = [(u, _versions(self.env[u])) for u, last in self.last_read.items() if u < i <= last]
-        return shared, tuple(_version(t) for t in self.ops[i].constants)
+        return shared, tuple(_version(t) for t in self.constants)
 
-    def after(self, i: int, before: tuple[list[tuple[int, tuple[int, ...]]], tuple[int, ...]]) -> None:
+    def after(self, i: int, before: tuple[list[tuple[int, tuple[int, ...]]], tuple[int | None, ...]]) -> None:
         shared, constants = before
         op = self.ops[i]
-        if constants != tuple(_version(t) for t in op.constants):
-            raise Refusal(f"{op.name} changes in place a tensor made once while tracing (a factory given no "
-                          "traced size), which every call would change again")
+        if constants != tuple(_version(t) for t in self.constants):
+            raise Refusal(f"{op.name} changes in place a tensor the graph holds as a constant (made while tracing, "
+                          "or outside the model), which every call would change again")
         for u, versions in shared:
             if _versions(self.env[u]) != versions:
                 raise Refusal(f"{op.name} changes {self.ops[u].name} in place while other operations read it too, "
@@ -1050,10 +1068,18 @@ def stage_uses(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[int
 
 
 def dependencies(graph: ModelGraph, stages: Sequence[Stage]) -> list[frozenset[int]]:
-    """Per op, the stages its value depends on: those it uses and those the values it reads depend on."""
+    """Per op, the stages its value depends on: those it uses, those the values it reads depend on, and, for an
+    op touching a buffer, those of the ops that touched it before (a running statistic read after the call that
+    updates it depends on what that call read)."""
     depends: list[frozenset[int]] = []
+    touched: dict[int, frozenset[int]] = {}  # buffer -> what the ops touching it so far depend on
     for op, uses in zip(graph.ops, stage_uses(graph, stages), strict=True):
-        depends.append(uses.union(*(depends[r] for r in op.reads)))
+        found = uses.union(*(depends[r] for r in op.reads))
+        if not op.free:
+            found = found.union(*(touched.get(b, frozenset()) for b in op.buffers))
+            for b in op.buffers:
+                touched[b] = found
+        depends.append(found)
     return depends
 
 

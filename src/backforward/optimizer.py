@@ -319,9 +319,10 @@ class Backforward(torch.optim.Optimizer):
         # (probe) found no state kept with the flags of then, and the parameters each call reads.
         hooked = bool(model._forward_hooks or model._forward_pre_hooks or global_hooks())
         chain = plain_sequential(model)
-        key = (hooked, tuple((id(m), settings_of(m, chain=chain), bool(m._forward_hooks or m._forward_pre_hooks),
-                              tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # set by a forward
-                             for m in modules))
+        key = (hooked, torch.get_default_dtype(),  # the dtype of a factory's tensor made while tracing
+               tuple((id(m), settings_of(m, chain=chain), bool(m._forward_hooks or m._forward_pre_hooks),
+                      tuple(b is None for b in m._buffers.values()) if m._buffers else ())  # set by a forward
+                     for m in modules))
         if key not in self._graphs:
             if len(self._graphs) >= _GRAPHS_KEPT:  # settings that change every step (a rate a user anneals)
                 self._forget(self._graphs.pop(next(iter(self._graphs))))

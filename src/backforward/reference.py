@@ -108,18 +108,25 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _buffers(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor | None]]]:
-    """Every module's buffers, None ones too (a forward may set them, or register new ones)."""
-    return [(m, {name: None if b is None else b.detach().clone() for name, b in m._buffers.items()})
+Buffers = list[tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor] | None]]]
+
+
+def _buffers(model: nn.Module) -> Buffers:
+    """Every module's buffers, None ones too (a forward may set them, or register new ones): each tensor with a
+    copy of its values, to be put back into that tensor (another module may hold it too: a shared buffer)."""
+    return [(m, {name: None if b is None else (b, b.detach().clone()) for name, b in m._buffers.items()})
             for m in model.modules()]
 
 
-def _set_buffers(saved: list[tuple[nn.Module, dict[str, torch.Tensor | None]]]) -> None:
+def _set_buffers(saved: Buffers) -> None:
     for m, buffers in saved:
         for name in m._buffers.keys() - buffers.keys():
             del m._buffers[name]
-        for name, value in buffers.items():
-            m._buffers[name] = None if value is None else value.clone()
+        for name, held in buffers.items():
+            m._buffers[name] = None if held is None else held[0]
+            if held is not None:
+                with torch.no_grad():
+                    held[0].resize_(held[1].shape).copy_(held[1])
 
 
 def _equal(a, b) -> bool:
