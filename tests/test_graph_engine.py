@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from backforward import Backforward, reference_step
-from backforward.graph import Refusal, model_graph, recompute_sets, settings_of
+from backforward.graph import CONSTANT_CHANGED, Refusal, model_graph, recompute_sets, settings_of
 from backforward.stages import Stage
 
 F = nn.functional
@@ -1378,10 +1378,6 @@ def test_in_place_changes_no_name_shows_are_seen_as_the_graph_is_read(kind, why)
     assert said == [f"backforward: step_batch runs the generic engine on ChangesUnseen: {why}"]
 
 
-CONSTANT_CHANGED = ("changes in place a tensor the graph holds as a constant (made while tracing, or outside the "
-                    "model), which every call would change again")
-
-
 class MadeWhileTracing(nn.Module):
     """A tensor of fixed sizes made in the forward (once, while tracing: a constant of the graph) and changed in
     place through what it is or views (``how``), or held by a checkpointed function that changes it."""
@@ -1511,6 +1507,114 @@ def test_running_statistics_read_after_their_update_or_changed_through_a_view_ru
     if how != "after":
         model.eval()
     steps_on_the_graph_engine(BesideReference(model, ["fc1", "bn", "fc2"]), x, y, steps=4)
+
+
+class Pick(nn.Module):
+    """Owns a (frozen) parameter, so tracing calls it whole; returns a view of what it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(6), requires_grad=False)
+
+    def forward(self, b):
+        return b.view(6)
+
+
+class ViewedMean(nn.Module):
+    """Owns a buffer (called whole): updates it from what it is given, returns a view of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(6))
+
+    def forward(self, h):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(h.mean(0), alpha=0.1)
+        return self.mean[:4]
+
+
+class ReadsAViewOfABuffer(nn.Module):
+    """A view of a buffer read after the buffer's update, ``how``: made by a module called whole, returned by the
+    module owning the buffer (called twice), or registered itself as a buffer."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False), nn.Linear(6, 3)
+        self.pick, self.running, self.mid = Pick(), ViewedMean(), nn.Linear(6, 6)
+        self.register_buffer("first_three", self.bn.running_mean[:3])
+
+    def forward(self, x):
+        if self.how == "module":
+            view = self.pick(self.bn.running_var)  # taken before bn updates it
+            h = self.fc1(x)
+            self.bn(h)
+            return self.fc2(h) * view.sum()
+        if self.how == "owner":
+            h = self.fc1(x)
+            view = self.running(h)
+            h = self.mid(h)
+            self.running(h)  # updated again, from mid's value
+            return self.fc2(h) * view.sum()
+        h = self.fc1(x)
+        self.bn(h)
+        return self.fc2(h) * self.first_three.sum()
+
+
+@pytest.mark.parametrize("how", ["module", "owner", "registered"])
+def test_a_view_of_a_buffer_read_after_its_update_runs_on_the_graph_engine(how):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    model = ReadsAViewOfABuffer(how)
+    if how != "owner":
+        model.mid.requires_grad_(False)  # unused there: no stage
+    stages = ["fc1", "mid", "fc2"] if how == "owner" else ["fc1", "fc2"]
+    steps_on_the_graph_engine(BesideReference(model, stages), x, y, steps=4)
+
+
+class NormalisesWithItsOwnStatistics(nn.Module):
+    """Hands batch norm's kernel running statistics made of fixed sizes: the kernel changes them in place with
+    no version counter seeing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        mean, var = torch.zeros(6), torch.ones(6)
+        h = F.batch_norm(self.a(x), mean, var, training=True)
+        return self.b(h + mean)
+
+
+def test_a_constant_a_kernel_changes_without_a_version_is_refused():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    assert fallback_warnings(BesideReference(NormalisesWithItsOwnStatistics(), ["a", "b"]), x, y) == [
+        f"backforward: step_batch runs the generic engine on NormalisesWithItsOwnStatistics: its forward "
+        f"{CONSTANT_CHANGED}"]
+
+
+class ShiftedByAnUnwritableBuffer(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        if kind == "inference":
+            with torch.inference_mode():
+                shift = torch.full((6,), 0.5)
+        else:
+            shift = torch.ones(1).expand(6)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) + self.shift))
+
+
+@pytest.mark.parametrize("kind", ["inference", "expanded"])
+def test_a_buffer_that_cannot_be_written_and_is_not_changed_steps_on_every_engine(kind):
+    """Put back before each pass it cannot be written; it holds its values: left as it is (was a traceback)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    steps_on_the_graph_engine(BesideReference(ShiftedByAnUnwritableBuffer(kind), ["fc1", "fc2"]), x, y)
 
 
 def test_an_expression_on_buffers_is_recomputed_on_the_graph_engine():

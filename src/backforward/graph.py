@@ -770,17 +770,30 @@ def _check_same_forward(model: nn.Module, graph: ModelGraph, example: Any) -> No
 class _Reads(TorchFunctionMode):
     """Records which of ``tensors`` (the ids of the model's parameters and buffers) the torch functions called
     get as arguments: any use of one begins with one such call on it (an op, a method, an attribute such as
-    ``.data``)."""
+    ``.data``); and the storages of those arguments among ``storages`` (a view of a buffer is another tensor)."""
 
-    def __init__(self, tensors: Collection[int]):
+    def __init__(self, tensors: Collection[int], storages: Collection[int]):
         super().__init__()
         self.tensors = tensors
+        self.storages = storages
         self.read: set[int] = set()
+        self.read_storages: set[int] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        self.read.update(id(t) for t in pytree.tree_leaves((args, kwargs)) if id(t) in self.tensors)
+        for t in pytree.tree_leaves((args, kwargs)):
+            if id(t) in self.tensors:
+                self.read.add(id(t))
+            if isinstance(t, torch.Tensor) and (ptr := _storage(t)) in self.storages:
+                self.read_storages.add(ptr)
         return func(*args, **kwargs)
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, a subclass)
+        return 0
 
 
 def _refuse_state_kept_by_hand(reading: _Reading, forward: Callable[[], object]) -> None:
@@ -808,6 +821,10 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     slots = buffer_slots(model)
     firsts = [id(m._buffers[name]) for m, name in slots]
     buffers = {b: b for b in firsts}  # a buffer's tensor (one a forward rebinds it to, too) -> the first one's
+    held: dict[int, set[int]] = {}  # a buffer's storage -> the buffers on it (one registered as a view of another)
+    for (m, name), first in zip(slots, firsts, strict=True):
+        if ptr := _storage(m._buffers[name]):
+            held.setdefault(ptr, set()).add(first)
     saved: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -824,16 +841,22 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
             with torch.enable_grad(), hooks:
                 for i, op in enumerate(graph.ops[1:], start=1):
                     before = changes.before(i) if changes is not None else None
-                    with _Reads(parameters.keys() | buffers.keys()) as reads:
+                    with _Reads(parameters.keys() | buffers.keys(), held.keys()) as reads:
                         env[i] = op.evaluate(env)
                     if changes is not None:
                         changes.after(i, before)
                     op.params += tuple(sorted(reads.read & parameters.keys() - set(op.params)))
-                    op.buffers += tuple(sorted({buffers[b] for b in reads.read & buffers.keys()} - set(op.buffers)))
+                    touched = {buffers[b] for b in reads.read & buffers.keys()}
+                    touched |= {b for ptr in reads.read_storages for b in held[ptr]}  # through a view of one
+                    op.buffers += tuple(sorted(touched - set(op.buffers)))
                     for (m, name), first in zip(slots, firsts, strict=True):
                         now = m._buffers.get(name)  # rebound by the op (each pass: again), or deleted
                         if now is not None:
                             buffers.setdefault(id(now), first)
+                            if ptr := _storage(now):
+                                held.setdefault(ptr, set()).add(first)
+                if changes is not None:
+                    changes.finish()
         except Refusal:
             raise
         except Exception as e:
@@ -846,6 +869,10 @@ def probe(model: nn.Module, graph: ModelGraph, example: Any) -> None:
     if traced:
         saved |= _storages(env[0])
         graph.saved = frozenset(i for i, value in enumerate(env) if _storages(value) <= saved)
+
+
+CONSTANT_CHANGED = ("changes in place a tensor the graph holds as a constant (made while tracing, or outside the "
+                    "model), which every call would change again")
 
 
 class _InPlaceChanges:
@@ -866,6 +893,7 @@ class _InPlaceChanges:
         self.last_read = {u: max(r) for u, r in enumerate(readers) if len(r) > 1 and u > 0 and not graph.ops[u].free}
         # Every op's: one changed through a value that is it or views it (``.to()``, ``.view()``) counts too.
         self.constants = list({id(t): t for op in graph.ops for t in op.constants}.values())
+        self.values = [t.detach().clone() for t in self.constants]  # kernels such as batch norm's bump no version
 
     def before(self, i: int) -> tuple[list[tuple[int, tuple[int, ...]]], tuple[int | None, ...]]:
         shared = [(u, _versions(self.env[u])) for u, last in self.last_read.items() if u < i <= last]
@@ -875,12 +903,16 @@ class _InPlaceChanges:
         shared, constants = before
         op = self.ops[i]
         if constants != tuple(_version(t) for t in self.constants):
-            raise Refusal(f"{op.name} changes in place a tensor the graph holds as a constant (made while tracing, "
-                          "or outside the model), which every call would change again")
+            raise Refusal(f"{op.name} {CONSTANT_CHANGED}")
         for u, versions in shared:
             if _versions(self.env[u]) != versions:
                 raise Refusal(f"{op.name} changes {self.ops[u].name} in place while other operations read it too, "
                               "which a graph of values cannot order")
+
+    def finish(self) -> None:
+        """After the forward: a constant whose values changed with no version counter seeing it."""
+        if not all(same_values(t, value) for t, value in zip(self.constants, self.values, strict=True)):
+            raise Refusal(f"its forward {CONSTANT_CHANGED}")
 
 
 def _storages(value: Any) -> set[int]:

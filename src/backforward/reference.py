@@ -124,7 +124,7 @@ def _set_buffers(saved: Buffers) -> None:
             del m._buffers[name]
         for name, held in buffers.items():
             m._buffers[name] = None if held is None else held[0]
-            if held is not None:
+            if held is not None and not _equal(held[0], held[1]):  # (one made in inference mode cannot be written)
                 with torch.no_grad():
                     held[0].resize_(held[1].shape).copy_(held[1])
 

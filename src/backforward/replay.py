@@ -78,11 +78,16 @@ class BufferValues:
 
 def copy_back(tensor: torch.Tensor, value: torch.Tensor) -> None:
     """``value`` into ``tensor`` in place, at its shape again where a forward resized it in place (an observer's
-    min/max, empty until it ran)."""
+    min/max, empty until it ran). A tensor that cannot be written (made in inference mode, an expanded one)
+    cannot have been changed either: left as it is where it holds ``value``."""
     with torch.no_grad():
-        if tensor.shape != value.shape:
-            tensor.resize_(value.shape)
-        tensor.copy_(value)
+        try:
+            if tensor.shape != value.shape:
+                tensor.resize_(value.shape)
+            tensor.copy_(value)
+        except RuntimeError:
+            if not same_values(tensor, value):
+                raise
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
