@@ -539,26 +539,19 @@ def _inside_function_apply(started: Any) -> bool:
 
 
 def _traced(args: tuple, kwargs: dict) -> bool:
+    return _holding((args, kwargs), (fx.Proxy,))
+
+
+def _holding(value: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether ``value`` (or a tuple, list, dict or slice in it) holds an instance of ``kinds``."""
     found = False
 
     def look(a: Any) -> Any:
         nonlocal found
-        found = found or isinstance(a, fx.Proxy)
+        found = found or isinstance(a, kinds)
         return a
 
-    fx.node.map_aggregate((args, kwargs), look)
-    return found
-
-
-def _holds_tensors(values: tuple) -> bool:
-    found = False
-
-    def look(a: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(a, (fx.Proxy, torch.Tensor))
-        return a
-
-    fx.node.map_aggregate(values, look)
+    fx.node.map_aggregate(value, look)
     return found
 
 
@@ -580,7 +573,7 @@ def _checkpoint_recordable(args: tuple, kwargs: dict) -> bool:
             return False
         held += [cell.cell_contents for cell in fn.__closure__ or () if _filled(cell)]
         held += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
-    return not _holds_tensors(tuple(held))
+    return not _holding(tuple(held), (fx.Proxy, torch.Tensor))
 
 
 def _filled(cell: types.CellType) -> bool:
