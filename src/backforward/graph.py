@@ -877,10 +877,7 @@ class _InPlaceChanges:
     def __init__(self, graph: ModelGraph, env: Env):
         self.ops = graph.ops
         self.env = env
-        readers: list[set[int]] = [set() for _ in graph.ops]
-        for i, op in enumerate(graph.ops):
-            for r in op.reads:
-                readers[r].add(i)
+        readers = _readers(graph.ops)
         # Values several ops read, until the last of them ran (a change after that, to a value kept for a later
         # pass, the engine's version check catches as the pass loads it).
         self.last_read = {u: max(r) for u, r in enumerate(readers) if len(r) > 1 and u > 0 and not graph.ops[u].free}
@@ -1144,10 +1141,7 @@ def plan_passes(graph: ModelGraph, recomputed: Sequence[frozenset[int]]) -> list
     later pass and where it restores them, and after which op each value it holds is no longer needed."""
     ops = graph.ops
     n = len(recomputed)
-    readers: list[list[int]] = [[] for _ in ops]
-    for i, op in enumerate(ops):
-        for r in op.reads:
-            readers[r].append(i)
+    readers = _readers(ops)
     # For each (non-free) value and pass: "compute", "read" (from the cache) or None.
     events = [[("compute" if i in recomputed[j] else
                 "read" if any(v in recomputed[j] for v in readers[i]) else None) for j in range(n)]
@@ -1185,6 +1179,15 @@ def plan_passes(graph: ModelGraph, recomputed: Sequence[frozenset[int]]) -> list
 
 
 _SAVE, _RESTORE = "save", "restore"  # the random numbers before an op: kept for a later pass, or put back
+
+
+def _readers(ops: Sequence[Op]) -> list[list[int]]:
+    """Per op, the ops that read its value (each once: an op's reads name a value once)."""
+    readers: list[list[int]] = [[] for _ in ops]
+    for i, op in enumerate(ops):
+        for r in op.reads:
+            readers[r].append(i)
+    return readers
 
 
 def _whole_pass(graph: ModelGraph) -> _PassPlan:
